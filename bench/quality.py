@@ -1,0 +1,165 @@
+"""Perplexity, prune time and peak memory per method in the DESIGN.md §6 setting.
+
+    python bench/quality.py                              # dense, magnitude, wanda, sparsegpt
+    python bench/quality.py --methods wanda --nm 4:8     # add or refresh rows
+    python bench/quality.py --table-only                 # re-render the table and plot
+
+Each row runs in its own process (so its peak memory is its own) and is stored as
+``bench/results/quality/<label>.json``; the table ``bench/results/quality.md`` and the plot
+``bench/results/quality.png`` are rendered from every stored row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+ROWS = RESULTS / "quality"
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+# Measured by the project lead with llm-compressor 0.14 in this setting (DESIGN.md §6).
+PEER = {"sparsegpt": (221.6, 451), "wanda": (260.1, 285)}
+ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "proxsparse", "maskpro"]
+
+
+def run_row(args: argparse.Namespace, method: str) -> dict:
+    import torch
+
+    import proxsparse as ps
+
+    torch.manual_seed(0)
+    model, tokenizer = ps.load_model(args.model)
+    windows = ps.eval_windows(ps.tokenize(tokenizer, ps.load_text(str(args.eval_text))),
+                              args.seqlen, args.eval_windows)
+    seconds, settings = 0.0, {}
+    if method != "dense":
+        overrides = dict(kv.split("=", 1) for kv in args.set)
+        config = ps.config_for(method, nm=args.nm, seed=args.seed)
+        for key, value in overrides.items():
+            setattr(config, key, type(getattr(config, key))(value))
+        settings = config.settings()
+        calib = ps.calibration_windows(tokenizer, args.calib, args.calib_windows, args.seqlen,
+                                       args.seed)
+        start = time.perf_counter()
+        ps.prune(model, config, calib)
+        seconds = time.perf_counter() - start
+    result = ps.perplexity(model, windows)
+    return {
+        "method": method, "nm": args.nm if method != "dense" else "-", "ppl": result.ppl,
+        "tokens": result.tokens, "windows": result.windows, "prune_seconds": round(seconds, 1),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "settings": settings, "calib": f"{args.calib} {args.calib_windows}x{args.seqlen}",
+        "model": args.model, "torch_threads": torch.get_num_threads(),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python bench/quality.py " + " ".join(_user_args()),
+    }
+
+
+def _user_args() -> list[str]:
+    """This run's command-line arguments minus the internal ``--row``, as a user would type."""
+    argv = sys.argv[1:]
+    if "--row" in argv:
+        at = argv.index("--row")
+        argv = argv[:at] + argv[at + 2 :]
+        argv = ["--methods", sys.argv[sys.argv.index("--row") + 1]] + [
+            a for i, a in enumerate(argv) if not (a == "--methods" or argv[i - 1] == "--methods"
+                                                 and i > 0)]
+    return argv
+
+
+def label_of(method: str, nm: str, suffix: str) -> str:
+    name = method if method == "dense" else f"{method}-{nm.replace(':', 'of')}"
+    return name + (f"-{suffix}" if suffix else "")
+
+
+def render() -> None:
+    rows = [json.loads(p.read_text()) | {"label": p.stem} for p in sorted(ROWS.glob("*.json"))]
+    rows.sort(key=lambda r: (r["nm"] != "-", r["nm"], ORDER.index(r["method"])
+                             if r["method"] in ORDER else 99, r["label"]))
+    lines = [
+        "# Perplexity after N:M pruning: SmolLM2-135M-Instruct, CPU",
+        "",
+        "Setting (DESIGN.md §6): calibration on the built-in offline text (128 windows × 512 "
+        "tokens, seed 0); evaluation on the first 128 windows × 512 tokens of the WikiText-2 "
+        "test split (65,408 predicted tokens), fp32, 2 CPU threads. Every projection of the 30 "
+        "decoder blocks is pruned; embeddings and lm_head stay dense. Peak memory is the peak "
+        "RSS of the process that loaded, pruned and evaluated the model.",
+        "",
+        "| label | method | N:M | PPL | prune s | peak RSS GiB | settings | date |",
+        "|---|---|---|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "-"
+        lines.append(f"| {r['label']} | {r['method']} | {r['nm']} | {r['ppl']:.2f} | "
+                     f"{r['prune_seconds']:.0f} | {r['peak_rss_gib']:.2f} | {settings} | "
+                     f"{r['date']} |")
+    lines += ["", "Peer reference (llm-compressor 0.14, measured in the same setting, "
+              "DESIGN.md §6): " + "; ".join(f"{m} PPL {p} in {s} s" for m, (p, s) in PEER.items()),
+              "", "Commands that produced the rows:", ""]
+    lines += sorted({f"    {r['command']}" for r in rows})
+    (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
+    plot(rows)
+
+
+def plot(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
+    labels = [r["label"] for r in rows]
+    ax.barh(labels, [r["ppl"] for r in rows], color="#4c72b0")
+    for method, (ppl, _) in PEER.items():
+        ax.axvline(ppl, linestyle="--", color="grey", linewidth=1)
+        ax.text(ppl, -0.9, f"llm-compressor {method}", fontsize=7, rotation=0, ha="left")
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    ax.set_xlabel("WikiText-2 perplexity (log scale, lower is better)")
+    ax.set_title("SmolLM2-135M, 2:4 and N:M pruning")
+    for y, r in enumerate(rows):
+        ax.text(r["ppl"], y, f" {r['ppl']:.1f}", va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "quality.png", dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="dense,magnitude,wanda,sparsegpt")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--nm", default="2:4")
+    parser.add_argument("--calib", default="builtin")
+    parser.add_argument("--calib-windows", type=int, default=128)
+    parser.add_argument("--eval-windows", type=int, default=128)
+    parser.add_argument("--eval-text", type=Path, default=WIKITEXT)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a method setting, e.g. --set lambda1=0.5")
+    parser.add_argument("--label-suffix", default="")
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in-process
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args()
+
+    if args.row:
+        row = run_row(args, args.row)
+        ROWS.mkdir(parents=True, exist_ok=True)
+        (ROWS / f"{label_of(args.row, args.nm, args.label_suffix)}.json").write_text(
+            json.dumps(row, indent=2) + "\n")
+        print(json.dumps(row))
+        return
+    if not args.table_only:
+        for method in args.methods.split(","):
+            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--row", method], check=True)
+    render()
+
+
+if __name__ == "__main__":
+    main()

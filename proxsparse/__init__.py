@@ -1,0 +1,23 @@
+"""proxsparse: learned N:M semi-structured sparsity for causal language models.
+
+    from proxsparse import prune, WandaConfig, calibration_windows, load_model
+    model, tokenizer = load_model("smollm2-135m")
+    calib = calibration_windows(tokenizer, "builtin", num_windows=128, seqlen=512)
+    result = prune(model, WandaConfig(nm="2:4"), calib)
+"""
+
+from .api import PruneResult, describe, prune
+from .data import calibration_windows, eval_windows, load_text, tokenize
+from .errors import ProxSparseError
+from .evaluate import Perplexity, perplexity
+from .export import apply_masks, load_masks, save, verify
+from .methods import MagnitudeConfig, PruneConfig, SparseGPTConfig, WandaConfig, config_for
+from .models import find_targets, load_model
+from .nm import NM
+
+__all__ = [
+    "NM", "MagnitudeConfig", "Perplexity", "PruneConfig", "PruneResult", "ProxSparseError",
+    "SparseGPTConfig", "WandaConfig", "apply_masks", "calibration_windows", "config_for",
+    "describe", "eval_windows", "find_targets", "load_masks", "load_model", "load_text",
+    "perplexity", "prune", "save", "tokenize", "verify",
+]

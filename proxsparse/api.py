@@ -1,0 +1,92 @@
+"""The small public API: ``prune(model, config, calib)`` makes a model N:M sparse in place."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import ProxSparseError
+from .methods import PruneConfig, pruner_for
+from .models import check_finite, find_targets
+from .nm import is_valid_nm, mask_is_exact
+
+
+@dataclass
+class PruneResult:
+    """What ``prune`` did: the keep-mask of every target layer and per-layer statistics."""
+
+    config: PruneConfig
+    masks: dict[str, torch.Tensor]
+    skipped: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def layer_stats(self, model: nn.Module) -> dict[str, dict]:
+        modules = dict(model.named_modules())
+        stats = {}
+        for name in self.masks:
+            weight = modules[name].weight
+            stats[name] = {
+                "shape": list(weight.shape),
+                "sparsity": round(float((weight == 0).float().mean()), 6),
+            }
+        return stats
+
+
+def prune(
+    model: nn.Module,
+    config: PruneConfig,
+    calib: torch.Tensor | None = None,
+    progress: bool = True,
+) -> PruneResult:
+    """Make every target layer of ``model`` N:M sparse, in place.
+
+    ``calib`` holds calibration token windows ``[windows, seqlen]`` for the methods that need
+    them (see ``proxsparse.data.calibration_windows``). Returns the masks and statistics.
+    """
+    targets, skipped = find_targets(model, config.nm, config.include, config.ignore)
+    check_finite(targets)
+    pruner = pruner_for(config)
+    if pruner.needs_calibration and calib is None:
+        raise ProxSparseError(f"method {config.method!r} needs calibration windows (calib=...)")
+
+    torch.manual_seed(config.seed)
+    start = time.perf_counter()
+    masks = pruner.select_masks(model, targets, calib, progress=progress)
+    with torch.no_grad():
+        for target in targets:
+            weight = target.module.weight
+            weight.mul_(masks[target.name].to(weight.device, weight.dtype))
+    seconds = time.perf_counter() - start
+
+    for target in targets:
+        if not (mask_is_exact(masks[target.name], config.nm)
+                and is_valid_nm(target.module.weight, config.nm)):
+            raise RuntimeError(f"internal error: {target.name} is not valid {config.nm}")
+    return PruneResult(config, {t.name: masks[t.name].cpu() for t in targets}, skipped, seconds)
+
+
+def describe(result: PruneResult, model: nn.Module, **context) -> dict:
+    """The metadata written beside an exported model: how it was made, layer by layer."""
+    from importlib.metadata import version
+
+    config = result.config
+    return {
+        "tool": "proxsparse",
+        "version": version("proxsparse"),
+        "torch": torch.__version__,
+        "transformers": version("transformers"),
+        "method": config.method,
+        "nm": str(config.nm),
+        "include": list(config.include),
+        "ignore": list(config.ignore),
+        "seed": config.seed,
+        "hyperparameters": config.settings(),
+        "prune_seconds": round(result.seconds, 2),
+        **context,
+        "targets": list(result.masks),
+        "skipped": result.skipped,
+        "layers": result.layer_stats(model),
+    }

@@ -1,0 +1,206 @@
+"""The ``proxsparse`` command: prune, eval, verify."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .errors import ProxSparseError
+from .methods import PRUNERS, PruneConfig
+
+SHARED_FIELDS = {f.name for f in dataclasses.fields(PruneConfig)}
+
+
+def method_options() -> dict[str, tuple[type, object, set[str]]]:
+    """Each method-specific config field -> (type, a default, methods that take it)."""
+    options: dict[str, tuple[type, object, set[str]]] = {}
+    for method, cls in PRUNERS.items():
+        for field in dataclasses.fields(cls.config_class):
+            if field.name in SHARED_FIELDS:
+                continue
+            default = field.default
+            kind, _, methods = options.get(field.name, (type(default), default, set()))
+            options[field.name] = (kind, default, methods | {method})
+    return options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="proxsparse", description="Learned N:M (2:4) sparsity for causal language models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model to N:M and save the checkpoint")
+    p.add_argument("--model", required=True,
+                   help="hub id, checkpoint directory, .gguf file, or alias smollm2-135m")
+    p.add_argument("--method", required=True, choices=list(PRUNERS))
+    p.add_argument("--nm", default="2:4", help="N:M pattern (default 2:4)")
+    p.add_argument("--calib", default="builtin",
+                   help="calibration text: builtin (offline), c4, wikitext2, or a local file")
+    p.add_argument("--calib-windows", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--include", action="append", default=[], metavar="PATTERN",
+                   help="glob over linear layer names; replaces the default (all linears in the "
+                        "decoder blocks). Repeatable")
+    p.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
+                   help="glob of linear layer names to leave dense. Repeatable")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    _add_runtime_args(p)
+    group = p.add_argument_group("method options")
+    for name, (kind, default, methods) in method_options().items():
+        flag = "--" + name.replace("_", "-")
+        hint = f"({', '.join(sorted(methods))}; default {default})"
+        if kind is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                               default=None, help=hint)
+        else:
+            group.add_argument(flag, dest=name, type=kind, default=None, help=hint)
+
+    e = sub.add_parser("eval", help="perplexity of a model on consecutive windows")
+    e.add_argument("model", help="hub id, checkpoint directory, .gguf file, or smollm2-135m")
+    e.add_argument("--text", default="wikitext2",
+                   help="evaluation text: wikitext2 (download), builtin, or a local file")
+    e.add_argument("--seqlen", type=int, default=512)
+    e.add_argument("--max-windows", type=int, default=128)
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_runtime_args(e)
+
+    v = sub.add_parser("verify", help="check that every target layer of a checkpoint is N:M")
+    v.add_argument("model", help="a proxsparse output directory")
+    v.add_argument("--nm", default=None, help="pattern to check when the directory has no "
+                                              "proxsparse.json (default 2:4)")
+    _add_runtime_args(v)
+    return parser
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _load(args):
+    import torch
+    import transformers
+
+    from .models import load_model
+
+    if args.quiet:
+        transformers.utils.logging.disable_progress_bar()
+
+    return load_model(args.model, getattr(torch, args.dtype), args.device)
+
+
+def cmd_prune(args) -> int:
+    from . import api, data, export
+    from .methods import config_for
+
+    method_settings = {}
+    for name, (_, _, methods) in method_options().items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if args.method not in methods:
+            flag = "--" + name.replace("_", "-")
+            raise ProxSparseError(f"{flag} does not apply to method {args.method}; "
+                                  f"it is an option of {', '.join(sorted(methods))}")
+        method_settings[name] = value
+    config = config_for(args.method, nm=args.nm, include=args.include, ignore=args.ignore,
+                        seed=args.seed, **method_settings)
+    for value, flag in ((args.calib_windows, "--calib-windows"), (args.seqlen, "--seqlen")):
+        if value < 1:
+            raise ProxSparseError(f"{flag} must be a positive integer, got {value}")
+    export.check_output_dir(args.out, args.overwrite)
+    needs_calibration = PRUNERS[args.method].needs_calibration
+    text = data.load_text(args.calib) if needs_calibration else None  # fail before the load
+
+    model, tokenizer = _load(args)
+    calib = None
+    if needs_calibration:
+        ids = data.tokenize(tokenizer, text)
+        calib = data.random_windows(ids, args.calib_windows, args.seqlen, args.seed, args.calib)
+    result = api.prune(model, config, calib, progress=not args.quiet)
+    metadata = api.describe(result, model, model_source=args.model, calibration={
+        "source": args.calib, "windows": args.calib_windows, "seqlen": args.seqlen,
+        "seed": args.seed} if calib is not None else None)
+    out = export.save(model, tokenizer, args.out, result.masks, config.nm, metadata,
+                      overwrite=args.overwrite)
+    sparsity = sum(s["sparsity"] for s in metadata["layers"].values()) / len(result.masks)
+    print(f"pruned {len(result.masks)} layers to {config.nm} with {args.method} in "
+          f"{result.seconds:.1f}s (mean sparsity {sparsity:.3f}); "
+          f"skipped {len(result.skipped)}; saved to {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import data
+    from .evaluate import perplexity
+
+    if args.seqlen < 2 or args.max_windows < 1:
+        raise ProxSparseError("--seqlen must be ≥ 2 and --max-windows ≥ 1")
+    text = data.load_text(args.text)
+    model, tokenizer = _load(args)
+    ids = data.tokenize(tokenizer, text)
+    windows = data.eval_windows(ids, args.seqlen, args.max_windows)
+    start = time.perf_counter()
+    result = perplexity(model, windows, args.batch_size, progress=not args.quiet)
+    if args.json:
+        print(json.dumps({**result.as_dict(), "seconds": round(time.perf_counter() - start, 2)}))
+    else:
+        print(f"perplexity {result.ppl:.3f} over {result.tokens} tokens "
+              f"({result.windows} windows of {args.seqlen})")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from . import export
+    from .models import find_targets
+    from .nm import NM
+
+    if not Path(args.model).is_dir():
+        raise ProxSparseError(f"{args.model!r} is not a directory: give a saved checkpoint")
+    metadata = export.read_metadata(args.model)
+    model, _ = _load(args)
+    masks = None
+    if metadata is not None:
+        nm, names = NM.parse(metadata["nm"]), metadata["targets"]
+        masks, _ = export.load_masks(args.model)
+    else:
+        nm = NM.parse(args.nm or "2:4")
+        names = [t.name for t in find_targets(model, nm)[0]]
+    checks = export.verify(model, names, nm, masks)
+    bad = [c for c in checks if not c.valid]
+    for check in checks:
+        status = "ok " if check.valid else "BAD"
+        print(f"{status} {check.name:50s} {str(check.shape):14s} sparsity {check.sparsity:.3f} "
+              f"max nonzeros/group {check.max_nonzeros}")
+    print(f"{len(checks) - len(bad)}/{len(checks)} layers valid {nm}")
+    if bad:
+        print("not N:M: " + ", ".join(c.name for c in bad), file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    try:
+        return {"prune": cmd_prune, "eval": cmd_eval, "verify": cmd_verify}[args.command](args)
+    except ProxSparseError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Saving pruned checkpoints atomically, the compact mask file, and N:M verification.
+
+An output directory holds a plain Hugging Face checkpoint (loadable with
+``AutoModelForCausalLM.from_pretrained``), ``masks.safetensors`` (per layer, the index of the
+kept pattern of every group packed in ceil(log2 C(M,N)) bits: 3 bits per group for 2:4) and
+``proxsparse.json`` (how the model was made).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import ProxSparseError
+from .nm import NM, is_valid_nm, nonzeros_per_group, pack_mask, unpack_mask
+
+MASK_FILE = "masks.safetensors"
+METADATA_FILE = "proxsparse.json"
+
+
+def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Fail early (before any long work) if ``out_dir`` exists and may not be replaced."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ProxSparseError(f"output {str(out)!r} exists and is a file: choose a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ProxSparseError(
+            f"output directory {str(out)!r} is not empty: choose another or pass --overwrite"
+        )
+    return out
+
+
+def save(
+    model: nn.Module,
+    tokenizer,
+    out_dir: str | Path,
+    masks: dict[str, torch.Tensor],
+    nm: NM,
+    metadata: dict,
+    overwrite: bool = False,
+) -> Path:
+    """Write checkpoint, mask file and metadata to ``out_dir``, all or nothing."""
+    out = check_output_dir(out_dir, overwrite).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        save_masks(staging / MASK_FILE, masks, nm)
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        _swap_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    retired = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(retired)
+    staging.rename(out)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def save_masks(path: Path, masks: dict[str, torch.Tensor], nm: NM) -> None:
+    tensors = {name: pack_mask(mask, nm) for name, mask in masks.items()}
+    shapes = {name: list(mask.shape) for name, mask in masks.items()}
+    save_file(tensors, str(path), metadata={"nm": str(nm), "shapes": json.dumps(shapes)})
+
+
+def load_masks(path: str | Path) -> tuple[dict[str, torch.Tensor], NM]:
+    """Read a mask file (or the one inside a checkpoint directory) back to boolean masks."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MASK_FILE
+    if not path.is_file():
+        raise ProxSparseError(f"no mask file at {str(path)!r}: give a proxsparse output directory")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        header = handle.metadata() or {}
+    if "nm" not in header or "shapes" not in header:
+        raise ProxSparseError(f"{path} is not a proxsparse mask file (no nm/shapes metadata)")
+    nm = NM.parse(header["nm"])
+    shapes = json.loads(header["shapes"])
+    packed = load_file(str(path))
+    return {name: unpack_mask(packed[name], tuple(shapes[name]), nm) for name in shapes}, nm
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero every weight outside its mask (e.g. a dense model + a saved mask file)."""
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        if name not in modules:
+            raise ProxSparseError(f"mask names layer {name!r}, which this model does not have")
+        weight = modules[name].weight
+        if tuple(weight.shape) != tuple(mask.shape):
+            raise ProxSparseError(f"mask for {name} has shape {tuple(mask.shape)}, "
+                                  f"the layer {tuple(weight.shape)}: wrong model for this mask")
+        weight.mul_(mask.to(weight.device, weight.dtype))
+
+
+@dataclass
+class LayerCheck:
+    name: str
+    shape: tuple[int, int]
+    sparsity: float
+    max_nonzeros: int  # most non-zeros found in any group
+    valid: bool
+
+
+def verify(
+    model: nn.Module, layer_names: list[str], nm: NM, masks: dict[str, torch.Tensor] | None = None
+) -> list[LayerCheck]:
+    """Check every named layer: no group of M holds more than N non-zeros, and, when ``masks``
+    are given, no non-zero outside the layer's mask."""
+    modules = dict(model.named_modules())
+    checks = []
+    for name in layer_names:
+        if name not in modules:
+            raise ProxSparseError(f"layer {name!r} named in the metadata is not in the model")
+        weight = modules[name].weight.detach()
+        counts = nonzeros_per_group(weight, nm.m)
+        valid = is_valid_nm(weight, nm)
+        if masks is not None:
+            mask = masks.get(name)
+            valid = valid and mask is not None and not bool(((weight != 0) & ~mask).any())
+        checks.append(LayerCheck(
+            name, tuple(weight.shape), float((weight == 0).float().mean()), int(counts.max()), valid
+        ))
+    return checks
+
+
+def read_metadata(model_dir: str | Path) -> dict | None:
+    path = Path(model_dir) / METADATA_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

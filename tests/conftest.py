@@ -1,0 +1,73 @@
+"""Tiny randomly initialised Llama-style models and a small tokenizer, built in the tests."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network; hub lookups fail at once
+
+import pytest  # noqa: E402
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from proxsparse.data import builtin_text
+
+torch.set_num_threads(2)
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator([builtin_text()[:200_000]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>")
+
+
+def make_model(vocab_size: int, intermediate_size: int = 128, seed: int = 0) -> LlamaForCausalLM:
+    """Two decoder blocks, hidden 64; ``intermediate_size`` not a multiple of 4 gives a
+    down_proj that N:M must skip."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=intermediate_size,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return make_tokenizer()
+
+
+@pytest.fixture
+def model(tokenizer) -> LlamaForCausalLM:
+    return make_model(len(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer) -> str:
+    """A saved tiny checkpoint (with its tokenizer), as a user's local model directory."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_model(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def odd_model_dir(tmp_path_factory, tokenizer) -> str:
+    """A tiny checkpoint whose down_proj input (66) is not a multiple of 4."""
+    path = tmp_path_factory.mktemp("tiny-llama-odd")
+    make_model(len(tokenizer), intermediate_size=66).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def calib(tokenizer) -> torch.Tensor:
+    from proxsparse.data import calibration_windows
+
+    return calibration_windows(tokenizer, "builtin", num_windows=8, seqlen=32, seed=0)

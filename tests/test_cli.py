@@ -1,0 +1,127 @@
+"""The command line, in-process: the happy path and one clear line for each bad input."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from proxsparse.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_prune_eval_verify(tmp_path, capsys, model_dir):
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "pruned"
+    code, stdout, _ = run(capsys, "prune", "--model", model_dir, "--method", "sparsegpt",
+                          "--calib", text, "--calib-windows", 4, "--seqlen", 32,
+                          "--blocksize", 32, "--out", out, "--quiet")
+    assert code == 0, stdout
+    assert "pruned 14 layers to 2:4" in stdout
+    meta = json.loads((out / "proxsparse.json").read_text())
+    assert meta["method"] == "sparsegpt" and meta["nm"] == "2:4"
+    assert meta["hyperparameters"] == {"blocksize": 32, "dampening": 0.01}
+    assert meta["calibration"] == {"source": str(text), "windows": 4, "seqlen": 32, "seed": 0}
+    assert len(meta["layers"]) == 14 and meta["skipped"] == {}
+
+    code, stdout, _ = run(capsys, "eval", out, "--text", text, "--seqlen", 32,
+                          "--max-windows", 3, "--json", "--quiet")
+    result = json.loads(stdout)
+    assert code == 0 and result["windows"] == 3 and result["tokens"] == 3 * 31
+    assert result["ppl"] > 1
+
+    code, stdout, _ = run(capsys, "verify", out)
+    assert code == 0 and "14/14 layers valid 2:4" in stdout
+
+    weights = load_file(out / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"] = torch.ones_like(
+        weights["model.layers.1.mlp.up_proj.weight"])
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    code, stdout, err = run(capsys, "verify", out)
+    assert code == 1 and "model.layers.1.mlp.up_proj" in err and "13/14" in stdout
+
+
+def test_skipped_layers_are_listed_in_the_metadata(tmp_path, capsys, odd_model_dir):
+    out = tmp_path / "pruned"
+    code, stdout, _ = run(capsys, "prune", "--model", odd_model_dir, "--method", "magnitude",
+                          "--nm", "4:8", "--out", out, "--quiet")
+    assert code == 0 and "skipped 2" in stdout
+    meta = json.loads((out / "proxsparse.json").read_text())
+    assert set(meta["skipped"]) == {f"model.layers.{i}.mlp.down_proj" for i in range(2)}
+    assert run(capsys, "verify", out)[0] == 0
+
+
+def write_nan_model(tmp_path, model_dir):
+    import shutil
+
+    bad = tmp_path / "nan-model"
+    shutil.copytree(model_dir, bad)
+    weights = load_file(bad / "model.safetensors")
+    weights["model.layers.0.self_attn.q_proj.weight"][0, 0] = float("nan")
+    save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    return bad
+
+
+def bad_inputs(tmp_path, model_dir):
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF but not really")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("a few words")
+    (tmp_path / "notamodel").mkdir()
+    return {
+        "missing model dir": (["--model", tmp_path / "nope" / "model.gguf"], "not found"),
+        "not a checkpoint": (["--model", tmp_path / "notamodel"], "no config.json"),
+        "corrupt gguf": (["--model", tmp_path / "broken.gguf"], "corrupt"),
+        "hub unreachable": (["--model", "no-such-org/no-such-model"], "local directory"),
+        "n >= m": (["--model", model_dir, "--nm", "4:4"], "0 < N < M"),
+        "non-numeric nm": (["--model", model_dir, "--nm", "two:four"], "two integers"),
+        "empty calib": (["--model", model_dir, "--calib", tmp_path / "empty.txt"], "no text"),
+        "short calib": (["--model", model_dir, "--calib", tmp_path / "short.txt"],
+                        "shorter than one window"),
+        "missing calib": (["--model", model_dir, "--calib", tmp_path / "none.txt"], "not found"),
+        "nan weights": (["--model", write_nan_model(tmp_path, model_dir)], "NaN or Inf"),
+        "nothing matched": (["--model", model_dir, "--ignore", "*"], "no target layer matched"),
+        "foreign option": (["--model", model_dir, "--blocksize", "64"],
+                           "does not apply to method wanda"),
+    }
+
+
+def test_bad_inputs_get_one_clear_line_and_write_nothing(tmp_path, capsys, model_dir,
+                                                        monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for label, (args, message) in bad_inputs(tmp_path, model_dir).items():
+        out = tmp_path / "out"
+        argv = ["prune", "--method", "wanda", "--seqlen", 32, "--calib-windows", 2, "--quiet",
+                "--out", out, *args]
+        code, stdout, err = run(capsys, *argv)
+        assert code == 2, label
+        assert err.startswith("error: ") and message in err, (label, err)
+        assert err.count("\n") == 1 and "Traceback" not in err, label
+        assert not out.exists(), label
+        assert not any(p.name.startswith(".out") for p in tmp_path.iterdir()), label
+
+
+def test_non_empty_output_is_refused_before_work(tmp_path, capsys, model_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x").write_text("x")
+    code, _, err = run(capsys, "prune", "--model", model_dir, "--method", "magnitude",
+                       "--out", out)
+    assert code == 2 and "--overwrite" in err
+
+
+def test_verify_needs_a_directory(capsys, tmp_path):
+    code, _, err = run(capsys, "verify", tmp_path / "missing")
+    assert code == 2 and "not a directory" in err
+
+
+@pytest.mark.parametrize("argv", [["eval", "x", "--seqlen", "1"], ["eval", "x", "--max-windows",
+                                                                   "0"]])
+def test_eval_rejects_bad_window_settings(capsys, argv):
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "--seqlen" in err

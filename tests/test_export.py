@@ -1,0 +1,85 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from proxsparse import NM, apply_masks, load_masks, perplexity, prune, save, verify
+from proxsparse.errors import ProxSparseError
+from proxsparse.export import MASK_FILE, METADATA_FILE
+from proxsparse.methods import config_for
+from tests.conftest import make_model
+
+
+def pruned(tokenizer, calib, method="sparsegpt", nm="2:4"):
+    model = make_model(len(tokenizer))
+    return model, prune(model, config_for(method, nm=nm), calib, progress=False)
+
+
+def test_saved_checkpoint_reloads_with_plain_transformers(tmp_path, tokenizer, calib):
+    model, result = pruned(tokenizer, calib)
+    out = save(model, tokenizer, tmp_path / "out", result.masks, NM(2, 4), {"method": "x"})
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    windows = calib[:4]
+    assert perplexity(reloaded, windows, progress=False) == perplexity(model, windows,
+                                                                       progress=False)
+    checks = verify(reloaded, list(result.masks), NM(2, 4), load_masks(out)[0])
+    assert all(c.valid for c in checks) and len(checks) == 14
+    assert json.loads((out / METADATA_FILE).read_text()) == {"method": "x"}
+
+
+@pytest.mark.parametrize("nm", ["2:4", "1:4", "4:8"])
+def test_mask_file_applied_to_the_dense_model_gives_the_pruned_model(tmp_path, tokenizer, calib,
+                                                                     nm):
+    model, result = pruned(tokenizer, calib, "wanda", nm)
+    out = save(model, tokenizer, tmp_path / "out", result.masks, NM.parse(nm), {})
+    masks, loaded_nm = load_masks(out)
+    assert loaded_nm == NM.parse(nm)
+    dense = make_model(len(tokenizer))
+    apply_masks(dense, masks)
+    for (name, a), (_, b) in zip(dense.state_dict().items(), model.state_dict().items(),
+                                 strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_mask_file_is_compact(tmp_path, tokenizer, calib):
+    model, result = pruned(tokenizer, calib, "magnitude")
+    out = save(model, tokenizer, tmp_path / "out", result.masks, NM(2, 4), {})
+    groups = sum(m.numel() for m in result.masks.values()) // 4
+    from safetensors.torch import load_file
+
+    payload_bits = 8 * sum(t.numel() for t in load_file(out / MASK_FILE).values())
+    assert payload_bits <= 3 * groups + 8 * len(result.masks)
+
+
+def test_failed_save_leaves_nothing(tmp_path, tokenizer, calib, monkeypatch):
+    model, result = pruned(tokenizer, calib, "magnitude")
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("proxsparse.export.save_masks", broken)
+    with pytest.raises(OSError):
+        save(model, tokenizer, tmp_path / "out", result.masks, NM(2, 4), {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_overwrite(tmp_path, tokenizer, calib):
+    model, result = pruned(tokenizer, calib, "magnitude")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(ProxSparseError, match="--overwrite"):
+        save(model, tokenizer, tmp_path / "out", result.masks, NM(2, 4), {})
+    save(model, tokenizer, tmp_path / "out", result.masks, NM(2, 4), {}, overwrite=True)
+    assert not (tmp_path / "out" / "keep.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_verify_flags_a_dense_group(tokenizer, calib):
+    model, result = pruned(tokenizer, calib, "magnitude")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[3, :4] = 1.0
+    checks = {c.name: c for c in verify(model, list(result.masks), NM(2, 4))}
+    assert not checks["model.layers.0.mlp.up_proj"].valid
+    assert checks["model.layers.0.mlp.up_proj"].max_nonzeros == 4
+    assert sum(not c.valid for c in checks.values()) == 1
