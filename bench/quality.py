@@ -58,20 +58,19 @@ def run_row(args: argparse.Namespace, method: str) -> dict:
         "settings": settings, "calib": f"{args.calib} {args.calib_windows}x{args.seqlen}",
         "model": args.model, "torch_threads": torch.get_num_threads(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python bench/quality.py " + " ".join(_user_args()),
+        "command": "python bench/quality.py " + " ".join(_user_args(method)),
     }
 
 
-def _user_args() -> list[str]:
-    """This run's command-line arguments minus the internal ``--row``, as a user would type."""
-    argv = sys.argv[1:]
-    if "--row" in argv:
-        at = argv.index("--row")
-        argv = argv[:at] + argv[at + 2 :]
-        argv = ["--methods", sys.argv[sys.argv.index("--row") + 1]] + [
-            a for i, a in enumerate(argv) if not (a == "--methods" or argv[i - 1] == "--methods"
-                                                 and i > 0)]
-    return argv
+def _user_args(method: str) -> list[str]:
+    """The command that reproduces one row: this run's arguments for that method alone."""
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip or arg in ("--row", "--methods"):
+            skip = not skip
+            continue
+        argv.append(arg)
+    return ["--methods", method, *argv]
 
 
 def label_of(method: str, nm: str, suffix: str) -> str:

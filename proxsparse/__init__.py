@@ -11,12 +11,20 @@ from .data import calibration_windows, eval_windows, load_text, tokenize
 from .errors import ProxSparseError
 from .evaluate import Perplexity, perplexity
 from .export import apply_masks, load_masks, save, verify
-from .methods import MagnitudeConfig, PruneConfig, SparseGPTConfig, WandaConfig, config_for
+from .methods import (
+    MagnitudeConfig,
+    ProxSparseConfig,
+    PruneConfig,
+    SparseGPTConfig,
+    WandaConfig,
+    config_for,
+)
 from .models import find_targets, load_model
 from .nm import NM
 
 __all__ = [
-    "NM", "MagnitudeConfig", "Perplexity", "PruneConfig", "PruneResult", "ProxSparseError",
+    "NM", "MagnitudeConfig", "Perplexity", "PruneConfig", "PruneResult", "ProxSparseConfig",
+    "ProxSparseError",
     "SparseGPTConfig", "WandaConfig", "apply_masks", "calibration_windows", "config_for",
     "describe", "eval_windows", "find_targets", "load_masks", "load_model", "load_text",
     "perplexity", "prune", "save", "tokenize", "verify",

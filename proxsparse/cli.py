@@ -6,12 +6,14 @@ import argparse
 import dataclasses
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from .errors import ProxSparseError
 from .methods import PRUNERS, PruneConfig
+from .runlog import RunDir
 
 SHARED_FIELDS = {f.name for f in dataclasses.fields(PruneConfig)}
 
@@ -115,6 +117,10 @@ def cmd_prune(args) -> int:
         method_settings[name] = value
     config = config_for(args.method, nm=args.nm, include=args.include, ignore=args.ignore,
                         seed=args.seed, **method_settings)
+    run_dir = None
+    if hasattr(config, "run_dir"):  # learning methods: log, plot and checkpoints live here
+        config.run_dir = config.run_dir or f"{Path(args.out).resolve()}.run"
+        run_dir = RunDir(config.run_dir, resume=True)
     for value, flag in ((args.calib_windows, "--calib-windows"), (args.seqlen, "--seqlen")):
         if value < 1:
             raise ProxSparseError(f"{flag} must be a positive integer, got {value}")
@@ -132,7 +138,10 @@ def cmd_prune(args) -> int:
         "source": args.calib, "windows": args.calib_windows, "seqlen": args.seqlen,
         "seed": args.seed} if calib is not None else None)
     out = export.save(model, tokenizer, args.out, result.masks, config.nm, metadata,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite,
+                      extra_files=tuple(run_dir.files()) if run_dir else ())
+    if run_dir is not None:  # the log and plot now live in the output; the checkpoint is done
+        shutil.rmtree(run_dir.path, ignore_errors=True)
     sparsity = sum(s["sparsity"] for s in metadata["layers"].values()) / len(result.masks)
     print(f"pruned {len(result.masks)} layers to {config.nm} with {args.method} in "
           f"{result.seconds:.1f}s (mean sparsity {sparsity:.3f}); "
@@ -198,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        hint = " (learning runs: add --resume to continue)" if args.command == "prune" else ""
+        print(f"interrupted{hint}", file=sys.stderr)
         return 130
 
 

@@ -45,8 +45,10 @@ def save(
     nm: NM,
     metadata: dict,
     overwrite: bool = False,
+    extra_files: tuple[Path, ...] = (),
 ) -> Path:
-    """Write checkpoint, mask file and metadata to ``out_dir``, all or nothing."""
+    """Write checkpoint, mask file, metadata (and ``extra_files``, e.g. a training log) to
+    ``out_dir``, all or nothing."""
     out = check_output_dir(out_dir, overwrite).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -57,6 +59,8 @@ def save(
             tokenizer.save_pretrained(staging)
         save_masks(staging / MASK_FILE, masks, nm)
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        for path in extra_files:
+            shutil.copy2(path, staging / Path(path).name)
         _swap_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -5,8 +5,17 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from proxsparse import (
-    MagnitudeConfig, apply_masks, calibration_windows, eval_windows, load_masks, load_model,
-    perplexity, prune, save, tokenize, verify,
+    MagnitudeConfig,
+    apply_masks,
+    calibration_windows,
+    eval_windows,
+    load_masks,
+    load_model,
+    perplexity,
+    prune,
+    save,
+    tokenize,
+    verify,
 )
 from proxsparse.cli import main
 from proxsparse.data import builtin_text

@@ -1,0 +1,205 @@
+"""ProxSparse: learn the N:M mask end to end by proximal gradient descent (DESIGN.md §2).
+
+The target weights themselves are learned, starting from the pretrained W0. Every step takes
+one AdamW step on the language-model loss plus the λ2 term, which pulls each weight back to its
+pretrained value or to zero, then applies the proximal operator of λ1·R, which drives every
+group towards N non-zeros. At the end the mask is the N largest |W| per group, and the
+pretrained weights are kept under it: no weight is updated after the mask is chosen.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import ProxSparseError
+from ..nm import NM, groups, topn_mask
+from ..prox import prox_nm
+from ..runlog import DeferredInterrupt, RunDir
+from .base import PruneConfig, Pruner
+
+
+@dataclass
+class ProxSparseConfig(PruneConfig):
+    lambda1: float = 0.25  # strength of the N:M regulariser, applied by the prox every step
+    lambda2: float = 0.1  # pull towards W0 or 0; 0 switches it off
+    epsilon: float = 0.1
+    lr: float = 1e-4
+    steps: int = 0  # 0: one pass over the calibration windows
+    batch_size: int = 1
+    warmup: float = 0.1  # share of steps with a linear warm-up, then linear decay to 0
+    max_grad_norm: float = 1.0
+    train_all: bool = False  # also let the non-target parameters move (as the paper's code)
+    gradient_checkpointing: bool = False
+    w0_device: str = ""  # where the pretrained copy lives; "" = beside the weights
+    run_dir: str = ""  # log, plot and checkpoints; "" keeps nothing on disk
+    resume: bool = False
+    checkpoint_every: int = 50
+    log_every: int = 10
+    method = "proxsparse"
+
+
+def lambda2_term(
+    weight: torch.Tensor, w0: torch.Tensor, epsilon: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Value and gradient of ‖(W ⊘ (W0 + ε·sgn⁺(W0))) ⊙ (W − W0)‖² for one layer.
+
+    Written out by hand rather than through autograd: a few elementwise passes, no graph.
+    """
+    w0 = w0.to(weight.device, weight.dtype)
+    scale = w0 + torch.where(w0 >= 0, epsilon, -epsilon)
+    residual = weight * (weight - w0) / scale
+    grad = 2 * residual * (2 * weight - w0) / scale
+    return residual.square().sum(), grad
+
+
+def lr_factor(step: int, total: int, warmup: float) -> float:
+    """Linear warm-up over the first ``warmup`` share of the steps, then linear decay to 0."""
+    warm = max(1, math.ceil(warmup * total))
+    if step < warm:
+        return (step + 1) / warm
+    return max(0.0, (total - step) / max(1, total - warm))
+
+
+def nm_share(weights: list[torch.Tensor], nm: NM) -> torch.Tensor:
+    """Share of all groups that already hold at most N non-zeros (a tensor: no host sync)."""
+    done = sum((groups(w, nm.m) != 0).sum(-1).le(nm.n).sum() for w in weights)
+    total = sum(w.numel() // nm.m for w in weights)
+    return done / total
+
+
+class ProxSparse(Pruner):
+    config_class = ProxSparseConfig
+
+    def select_masks(self, model, targets, calib, progress=True):
+        cfg: ProxSparseConfig = self.config
+        if calib.shape[0] < cfg.batch_size:
+            raise ProxSparseError(f"--batch-size {cfg.batch_size} exceeds the "
+                                  f"{calib.shape[0]} calibration windows")
+        steps = cfg.steps or math.ceil(calib.shape[0] / cfg.batch_size)
+        weights = [t.module.weight for t in targets]
+        requires_grad = {p: p.requires_grad for p in model.parameters()}
+        trainable = self._trainable(model, weights)
+        w0_device = cfg.w0_device or None
+        pretrained = {id(p): p.detach().to(w0_device, copy=True) for p in trainable}
+
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, steps, cfg.warmup))
+        run = RunDir(cfg.run_dir or None, resume=cfg.resume)
+        start = self._restore(run, trainable, optimizer, schedule, steps) if cfg.resume else 0
+
+        device = weights[0].device
+        was_training = model.training
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()  # Llama-style blocks have no dropout; needed for gradient checkpointing
+        bar = tqdm(range(start, steps), desc="proxsparse", disable=not progress,
+                   initial=start, total=steps)
+        try:
+            with DeferredInterrupt() as interrupt:
+                for step in bar:
+                    batch = self._batch(calib, step, cfg).to(device)
+                    loss = model(batch, labels=batch, use_cache=False).loss
+                    loss.backward()
+                    reg = self._add_lambda2_grad(weights, pretrained)
+                    torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                    optimizer.step()
+                    schedule.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    with torch.no_grad():
+                        for weight in weights:
+                            weight.copy_(prox_nm(weight, cfg.lambda1, cfg.nm.n, cfg.nm.m))
+                    run.record(step, loss=loss, lambda2_term=reg,
+                               nm_share=nm_share(weights, cfg.nm))
+                    done = step + 1
+                    if done % cfg.log_every == 0 or done == steps or interrupt.requested:
+                        latest = run.flush()
+                        bar.set_postfix(loss=f"{latest['loss']:.3f}",
+                                        nm=f"{latest['nm_share']:.3f}",
+                                        l2=f"{latest['lambda2_term']:.3g}")
+                    if done % cfg.checkpoint_every == 0 or interrupt.requested:
+                        self._checkpoint(run, done, trainable, optimizer, schedule)
+                    if interrupt.requested:
+                        raise KeyboardInterrupt
+        finally:
+            bar.close()
+            if cfg.gradient_checkpointing:
+                model.gradient_checkpointing_disable()
+            model.train(was_training)
+            for param, flag in requires_grad.items():
+                param.requires_grad_(flag)
+        run.flush()
+        run.plot(f"ProxSparse {cfg.nm}: λ1={cfg.lambda1}, λ2={cfg.lambda2}, lr={cfg.lr}")
+
+        masks = {}
+        with torch.no_grad():
+            for target in targets:
+                masks[target.name] = topn_mask(target.module.weight.abs(), cfg.nm)
+            for param in trainable:  # back to the pretrained values; the caller applies masks
+                param.copy_(pretrained[id(param)])
+        return masks
+
+    # --- pieces of the loop ---
+
+    def _trainable(self, model: nn.Module, weights: list[torch.Tensor]) -> list[nn.Parameter]:
+        if self.config.train_all:
+            params = list(model.parameters())
+        else:
+            target_ids = {id(w) for w in weights}
+            for p in model.parameters():
+                p.requires_grad_(id(p) in target_ids)
+            params = list(weights)
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def _batch(self, calib: torch.Tensor, step: int, cfg: ProxSparseConfig) -> torch.Tensor:
+        """Windows of this step: a seeded shuffle of the calibration set, one per epoch."""
+        per_epoch = calib.shape[0] // cfg.batch_size
+        epoch, index = divmod(step, per_epoch)
+        order = torch.randperm(calib.shape[0],
+                               generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        return calib[order[index * cfg.batch_size : (index + 1) * cfg.batch_size]]
+
+    @torch.no_grad()
+    def _add_lambda2_grad(self, weights, pretrained) -> torch.Tensor:
+        cfg: ProxSparseConfig = self.config
+        total = torch.zeros((), device=weights[0].device)
+        if cfg.lambda2 == 0:
+            return total
+        for weight in weights:
+            value, grad = lambda2_term(weight, pretrained[id(weight)], cfg.epsilon)
+            weight.grad.add_(grad, alpha=cfg.lambda2)
+            total += value
+        return cfg.lambda2 * total
+
+    def _checkpoint(self, run, step, trainable, optimizer, schedule) -> None:
+        run.save_checkpoint({
+            "step": step,
+            "settings": self.config.settings(),
+            "params": [p.detach().cpu() for p in trainable],
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+        })
+
+    def _restore(self, run, trainable, optimizer, schedule, steps) -> int:
+        state = run.load_checkpoint()
+        if state is None:
+            return 0
+        mine = {k: v for k, v in self.config.settings().items() if k != "resume"}
+        saved = {k: v for k, v in state["settings"].items() if k != "resume"}
+        if mine != saved:
+            changed = sorted(k for k in mine if mine.get(k) != saved.get(k))
+            raise ProxSparseError(f"cannot resume: settings differ from the interrupted run "
+                                  f"({', '.join(changed)}); use the same options or a new run")
+        with torch.no_grad():
+            for param, value in zip(trainable, state["params"], strict=True):
+                param.copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        return min(state["step"], steps)

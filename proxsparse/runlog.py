@@ -1,0 +1,134 @@
+"""The working directory of a learning run: a JSON-lines log, a plot, and a resumable checkpoint.
+
+Metrics are recorded as tensors and written in batches, so the training loop never waits for
+the device to report a number at every step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+LOG_FILE = "log.jsonl"
+PLOT_FILE = "progress.png"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class RunDir:
+    """Log, plot and checkpoint of one learning run. ``path=None`` keeps metrics in memory only."""
+
+    def __init__(self, path: str | Path | None, resume: bool = False) -> None:
+        self.path = Path(path) if path is not None else None
+        self.pending: list[tuple[int, dict[str, torch.Tensor]]] = []
+        self.history: list[dict] = []
+        if self.path is None:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        log = self.path / LOG_FILE
+        if resume and log.exists():
+            self.history = [json.loads(line) for line in log.read_text().splitlines() if line]
+        elif log.exists():
+            log.unlink()
+
+    def record(self, step: int, **metrics: torch.Tensor) -> None:
+        """Keep this step's metrics (detached tensors) until the next ``flush``."""
+        self.pending.append((step, {k: v.detach() for k, v in metrics.items()}))
+
+    def flush(self) -> dict | None:
+        """Write pending metrics (one host sync for all of them); return the latest row."""
+        if not self.pending:
+            return self.history[-1] if self.history else None
+        names = list(self.pending[0][1])
+        values = torch.stack([torch.stack([m[n].float() for n in names]) for _, m in self.pending])
+        rows = [{"step": step, **dict(zip(names, row, strict=True))}
+                for (step, _), row in zip(self.pending, values.cpu().tolist(), strict=True)]
+        self.pending.clear()
+        # Rows past the resume point were logged by the interrupted run: replace them.
+        self.history = [r for r in self.history if r["step"] < rows[0]["step"]] + rows
+        if self.path is not None:
+            _atomic_write_text(self.path / LOG_FILE,
+                               "".join(json.dumps(r) + "\n" for r in self.history))
+        return rows[-1]
+
+    def plot(self, title: str) -> Path | None:
+        """Each logged metric against the step, one panel each, as ``progress.png``."""
+        if self.path is None or not self.history:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = [k for k in self.history[0] if k != "step"]
+        fig, axes = plt.subplots(len(names), 1, figsize=(7, 2.2 * len(names)), sharex=True,
+                                 squeeze=False)
+        steps = [r["step"] for r in self.history]
+        for ax, name in zip(axes[:, 0], names, strict=True):
+            ax.plot(steps, [r[name] for r in self.history], linewidth=1)
+            ax.set_ylabel(name)
+            ax.grid(alpha=0.3)
+        axes[-1, 0].set_xlabel("step")
+        fig.suptitle(title)
+        fig.tight_layout()
+        out = self.path / PLOT_FILE
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        return out
+
+    # --- checkpoints ---
+
+    def save_checkpoint(self, state: dict) -> None:
+        if self.path is None:
+            return
+        tmp = self.path / (CHECKPOINT_FILE + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path / CHECKPOINT_FILE)
+
+    def load_checkpoint(self) -> dict | None:
+        if self.path is None or not (self.path / CHECKPOINT_FILE).exists():
+            return None
+        return torch.load(self.path / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+
+    def files(self) -> list[Path]:
+        """The log and plot, to copy beside an exported model."""
+        if self.path is None:
+            return []
+        return [p for p in (self.path / LOG_FILE, self.path / PLOT_FILE) if p.exists()]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class DeferredInterrupt:
+    """Context manager: Ctrl-C (SIGINT) sets ``requested`` instead of interrupting mid-step, so
+    the loop can stop at a step boundary with a consistent checkpoint. A second Ctrl-C
+    interrupts at once. Outside the main thread it does nothing."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> DeferredInterrupt:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)

@@ -1,0 +1,118 @@
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from proxsparse import NM, ProxSparseConfig, prune
+from proxsparse.methods import proxsparse as method
+from proxsparse.nm import is_valid_nm, mask_is_exact
+from proxsparse.runlog import LOG_FILE, PLOT_FILE
+from tests.conftest import make_model
+
+
+def test_lambda2_gradient_matches_autograd():
+    torch.manual_seed(0)
+    w0 = torch.randn(8, 16, dtype=torch.float64)
+    w0[0, :4] = 0.0  # sgn⁺(0) = +1
+    weight = (w0 + 0.3 * torch.randn_like(w0)).requires_grad_(True)
+    scale = w0 + 0.1 * torch.where(w0 >= 0, 1.0, -1.0)
+    reference = ((weight / scale) * (weight - w0)).square().sum()
+    reference.backward()
+    value, grad = method.lambda2_term(weight.detach(), w0, 0.1)
+    torch.testing.assert_close(value, reference.detach())
+    torch.testing.assert_close(grad, weight.grad)
+    # it vanishes at W = W0 and at W = 0
+    assert float(method.lambda2_term(w0, w0, 0.1)[0]) == 0.0
+    assert float(method.lambda2_term(torch.zeros_like(w0), w0, 0.1)[0]) == 0.0
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    factors = [method.lr_factor(s, 20, 0.1) for s in range(20)]
+    assert factors[:2] == [0.5, 1.0]
+    assert all(a >= b for a, b in zip(factors[1:], factors[2:], strict=False))
+    assert factors[-1] == pytest.approx(1 / 18)
+
+
+def learn(tokenizer, calib, **settings):
+    model = make_model(len(tokenizer))
+    pretrained = {k: v.clone() for k, v in model.state_dict().items()}
+    config = ProxSparseConfig(**{"steps": 6, "lr": 1e-3, **settings})
+    return model, pretrained, prune(model, config, calib, progress=False)
+
+
+def test_learned_masks_are_exact_and_keep_pretrained_weights(tokenizer, calib):
+    model, pretrained, result = learn(tokenizer, calib, lambda1=5.0)
+    for name, mask in result.masks.items():
+        assert mask_is_exact(mask, NM(2, 4))
+        weight = model.get_submodule(name).weight
+        assert is_valid_nm(weight, NM(2, 4))
+        torch.testing.assert_close(weight, pretrained[name + ".weight"] * mask, rtol=0, atol=0)
+    untouched = [k for k in pretrained if not any(k.startswith(n) for n in result.masks)]
+    assert all(torch.equal(model.state_dict()[k], pretrained[k]) for k in untouched)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("nm", ["1:4", "4:8"])
+def test_other_patterns(tokenizer, calib, nm):
+    _, _, result = learn(tokenizer, calib, lambda1=5.0, nm=nm)
+    assert all(mask_is_exact(m, NM.parse(nm)) for m in result.masks.values())
+
+
+def test_share_of_nm_groups_rises_with_lambda1(tokenizer, calib, tmp_path):
+    shares = []
+    for lam in (0.0, 20.0, 2000.0):
+        run_dir = tmp_path / f"run-{lam}"
+        learn(tokenizer, calib, lambda1=lam, run_dir=str(run_dir), log_every=2)
+        rows = [json.loads(line) for line in (run_dir / LOG_FILE).read_text().splitlines()]
+        assert [r["step"] for r in rows] == list(range(6))
+        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+        shares.append(rows[-1]["nm_share"])
+    assert shares[0] < 0.01 and shares[0] < shares[1] < shares[2] and shares[2] > 0.99
+    assert (tmp_path / "run-2000.0" / PLOT_FILE).stat().st_size > 1000
+
+
+def test_same_seed_same_mask(tokenizer, calib):
+    a = learn(tokenizer, calib, lambda1=5.0)[2].masks
+    b = learn(tokenizer, calib, lambda1=5.0)[2].masks
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_all_restores_every_pretrained_parameter(tokenizer, calib):
+    model, pretrained, result = learn(tokenizer, calib, lambda1=5.0, train_all=True)
+    for key, value in model.state_dict().items():
+        layer = key.removesuffix(".weight")
+        expected = pretrained[key] * result.masks[layer] if layer in result.masks else \
+            pretrained[key]
+        assert torch.equal(value, expected), key
+
+
+def test_interrupted_run_resumes_to_the_same_mask(tokenizer, calib, tmp_path, monkeypatch):
+    settings = dict(lambda1=5.0, steps=8, checkpoint_every=100, log_every=3)
+    reference = learn(tokenizer, calib, **settings)[2].masks
+
+    run_dir = str(tmp_path / "run")
+    calls = {"n": 0}
+    real_prox = method.prox_nm
+
+    def prox_then_ctrl_c(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 14 * 3 + 1:  # during step 3 (14 layers a step)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_prox(*args, **kwargs)
+
+    monkeypatch.setattr(method, "prox_nm", prox_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        learn(tokenizer, calib, run_dir=run_dir, **settings)
+    monkeypatch.setattr(method, "prox_nm", real_prox)
+    assert torch.load(f"{run_dir}/checkpoint.pt", weights_only=False)["step"] == 4
+
+    resumed = learn(tokenizer, calib, run_dir=run_dir, resume=True, **settings)[2].masks
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    steps = [json.loads(line)["step"]
+             for line in open(f"{run_dir}/{LOG_FILE}").read().splitlines()]
+    assert steps == list(range(8))
+
+    with pytest.raises(Exception, match="settings differ"):
+        learn(tokenizer, calib, run_dir=run_dir, resume=True, **{**settings, "lr": 0.5})
