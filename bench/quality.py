@@ -43,7 +43,9 @@ def run_row(args: argparse.Namespace, method: str) -> dict:
         overrides = dict(kv.split("=", 1) for kv in args.set)
         config = ps.config_for(method, nm=args.nm, seed=args.seed)
         for key, value in overrides.items():
-            setattr(config, key, type(getattr(config, key))(value))
+            kind = type(getattr(config, key))
+            setattr(config, key, value.lower() in ("1", "true", "yes") if kind is bool
+                    else kind(value))
         settings = config.settings()
         calib = ps.calibration_windows(tokenizer, args.calib, args.calib_windows, args.seqlen,
                                        args.seed)

@@ -13,6 +13,7 @@ from .evaluate import Perplexity, perplexity
 from .export import apply_masks, load_masks, save, verify
 from .methods import (
     MagnitudeConfig,
+    MaskProConfig,
     ProxSparseConfig,
     PruneConfig,
     SparseGPTConfig,
@@ -23,8 +24,8 @@ from .models import find_targets, load_model
 from .nm import NM
 
 __all__ = [
-    "NM", "MagnitudeConfig", "Perplexity", "PruneConfig", "PruneResult", "ProxSparseConfig",
-    "ProxSparseError",
+    "NM", "MagnitudeConfig", "MaskProConfig", "Perplexity", "PruneConfig", "PruneResult",
+    "ProxSparseConfig", "ProxSparseError",
     "SparseGPTConfig", "WandaConfig", "apply_masks", "calibration_windows", "config_for",
     "describe", "eval_windows", "find_targets", "load_masks", "load_model", "load_text",
     "perplexity", "prune", "save", "tokenize", "verify",

@@ -18,16 +18,15 @@ from .runlog import RunDir
 SHARED_FIELDS = {f.name for f in dataclasses.fields(PruneConfig)}
 
 
-def method_options() -> dict[str, tuple[type, object, set[str]]]:
-    """Each method-specific config field -> (type, a default, methods that take it)."""
-    options: dict[str, tuple[type, object, set[str]]] = {}
+def method_options() -> dict[str, tuple[type, dict[str, object]]]:
+    """Each method-specific config field -> (type, {method: its default})."""
+    options: dict[str, tuple[type, dict[str, object]]] = {}
     for method, cls in PRUNERS.items():
         for field in dataclasses.fields(cls.config_class):
             if field.name in SHARED_FIELDS:
                 continue
-            default = field.default
-            kind, _, methods = options.get(field.name, (type(default), default, set()))
-            options[field.name] = (kind, default, methods | {method})
+            kind, defaults = options.get(field.name, (type(field.default), {}))
+            options[field.name] = (kind, {**defaults, method: field.default})
     return options
 
 
@@ -56,9 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     _add_runtime_args(p)
     group = p.add_argument_group("method options")
-    for name, (kind, default, methods) in method_options().items():
+    for name, (kind, defaults) in method_options().items():
         flag = "--" + name.replace("_", "-")
-        hint = f"({', '.join(sorted(methods))}; default {default})"
+        hint = "default " + ", ".join(f"{default} ({method})" for method, default in
+                                      defaults.items())
         if kind is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                default=None, help=hint)
@@ -106,7 +106,7 @@ def cmd_prune(args) -> int:
     from .methods import config_for
 
     method_settings = {}
-    for name, (_, _, methods) in method_options().items():
+    for name, (_, methods) in method_options().items():
         value = getattr(args, name)
         if value is None:
             continue

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import ProxSparseError
+
 LOG_FILE = "log.jsonl"
 PLOT_FILE = "progress.png"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -80,17 +82,27 @@ class RunDir:
 
     # --- checkpoints ---
 
-    def save_checkpoint(self, state: dict) -> None:
+    def save_checkpoint(self, state: dict, identity: dict) -> None:
+        """Save ``state`` (atomically) with the ``identity`` of the settings that produced it."""
         if self.path is None:
             return
         tmp = self.path / (CHECKPOINT_FILE + ".tmp")
-        torch.save(state, tmp)
+        torch.save({**state, "identity": identity}, tmp)
         os.replace(tmp, self.path / CHECKPOINT_FILE)
 
-    def load_checkpoint(self) -> dict | None:
+    def load_checkpoint(self, identity: dict) -> dict | None:
+        """The saved state, or None; refuses a checkpoint made with other settings."""
         if self.path is None or not (self.path / CHECKPOINT_FILE).exists():
             return None
-        return torch.load(self.path / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        state = torch.load(self.path / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        saved = state.get("identity", {})
+        if saved != identity:
+            changed = sorted(k for k in identity.keys() | saved.keys()
+                             if identity.get(k) != saved.get(k))
+            raise ProxSparseError(
+                f"cannot resume from {self.path}: settings differ from the interrupted run "
+                f"({', '.join(changed)}); use the same options, or delete that directory")
+        return state
 
     def files(self) -> list[Path]:
         """The log and plot, to copy beside an exported model."""

@@ -43,9 +43,11 @@ def test_topn_mask_keeps_the_largest_n_per_group(nm):
     assert bool((smallest_kept >= largest_dropped).all())
 
 
-def test_topn_mask_breaks_ties_by_lowest_index():
-    mask = topn_mask(torch.zeros(1, 4), NM(2, 4))
-    assert mask.tolist() == [[True, True, False, False]]
+def test_topn_mask_is_exact_and_repeatable_under_ties():
+    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0, 2.0, 1.0, 1.0, 0.0]]).repeat(64, 1)
+    mask = topn_mask(scores, NM(2, 4))
+    assert mask_is_exact(mask, NM(2, 4)) and torch.equal(mask, topn_mask(scores, NM(2, 4)))
+    assert bool(mask[:, 4].all()) and not bool(mask[:, 7].any())
 
 
 def test_validity():

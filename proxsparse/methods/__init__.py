@@ -5,12 +5,13 @@ from __future__ import annotations
 from ..errors import ProxSparseError
 from .base import PruneConfig, Pruner
 from .magnitude import Magnitude, MagnitudeConfig
+from .maskpro import MaskPro, MaskProConfig
 from .proxsparse import ProxSparse, ProxSparseConfig
 from .sparsegpt import SparseGPT, SparseGPTConfig
 from .wanda import Wanda, WandaConfig
 
 PRUNERS: dict[str, type[Pruner]] = {
-    cls.config_class.method: cls for cls in (Magnitude, Wanda, SparseGPT, ProxSparse)
+    cls.config_class.method: cls for cls in (Magnitude, Wanda, SparseGPT, ProxSparse, MaskPro)
 }
 
 
@@ -30,5 +31,5 @@ def config_for(method: str, **settings) -> PruneConfig:
 
 __all__ = [
     "PRUNERS", "PruneConfig", "Pruner", "config_for", "pruner_for",
-    "MagnitudeConfig", "WandaConfig", "SparseGPTConfig", "ProxSparseConfig",
+    "MagnitudeConfig", "WandaConfig", "SparseGPTConfig", "ProxSparseConfig", "MaskProConfig",
 ]

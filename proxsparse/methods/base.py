@@ -34,6 +34,14 @@ class PruneConfig:
         shared = {f for f in PruneConfig.__dataclass_fields__}
         return {k: v for k, v in vars(self).items() if k not in shared}
 
+    def identity(self) -> dict:
+        """Every setting that shapes the result: what a resumed run must share with the run it
+        continues (where and how often a run logs or saves does not count)."""
+        bookkeeping = {"run_dir", "resume", "log_every", "checkpoint_every"}
+        return {**{k: v for k, v in self.settings().items() if k not in bookkeeping},
+                "nm": str(self.nm), "seed": self.seed, "include": list(self.include),
+                "ignore": list(self.ignore)}
+
 
 class Pruner(ABC):
     """Chooses an N:M keep-mask for every target layer.

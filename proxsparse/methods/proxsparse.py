@@ -26,6 +26,8 @@ from .base import PruneConfig, Pruner
 @dataclass
 class ProxSparseConfig(PruneConfig):
     lambda1: float = 0.25  # strength of the N:M regulariser, applied by the prox every step
+    lambda1_scaling: str = "absolute"  # or "layer": λ1 relative to each layer's weight scale
+    lambda1_ramp: float = 0.0  # share of steps over which λ1 rises linearly from 0
     lambda2: float = 0.1  # pull towards W0 or 0; 0 switches it off
     epsilon: float = 0.1
     lr: float = 1e-4
@@ -65,6 +67,28 @@ def lr_factor(step: int, total: int, warmup: float) -> float:
     return max(0.0, (total - step) / max(1, total - warm))
 
 
+def layer_lambdas(weights: list[torch.Tensor], cfg: ProxSparseConfig) -> list[float]:
+    """λ1 for each layer.
+
+    R is a product of N+1 magnitudes, so scaling a layer by s scales the prox's effective
+    threshold by s^(N-1): with ``lambda1_scaling="layer"`` λ1 is divided by the layer's RMS
+    weight to that power, making one λ1 act alike on every layer and every model.
+    """
+    if cfg.lambda1_scaling == "absolute":
+        return [cfg.lambda1] * len(weights)
+    if cfg.lambda1_scaling != "layer":
+        raise ProxSparseError(f"lambda1_scaling must be 'absolute' or 'layer', "
+                              f"not {cfg.lambda1_scaling!r}")
+    scales = torch.stack([w.detach().float().square().mean().sqrt() for w in weights]).tolist()
+    return [cfg.lambda1 / max(s, 1e-12) ** (cfg.nm.n - 1) for s in scales]
+
+
+def ramp(step: int, total: int, share: float) -> float:
+    """λ1 multiplier: linear from 1/warm to 1 over the first ``share`` of the steps, then 1."""
+    warm = math.ceil(share * total)
+    return 1.0 if step >= warm else (step + 1) / warm
+
+
 def nm_share(weights: list[torch.Tensor], nm: NM) -> torch.Tensor:
     """Share of all groups that already hold at most N non-zeros (a tensor: no host sync)."""
     done = sum((groups(w, nm.m) != 0).sum(-1).le(nm.n).sum() for w in weights)
@@ -86,6 +110,7 @@ class ProxSparse(Pruner):
         trainable = self._trainable(model, weights)
         w0_device = cfg.w0_device or None
         pretrained = {id(p): p.detach().to(w0_device, copy=True) for p in trainable}
+        lambdas = layer_lambdas(weights, cfg)
 
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -112,8 +137,9 @@ class ProxSparse(Pruner):
                     schedule.step()
                     optimizer.zero_grad(set_to_none=True)
                     with torch.no_grad():
-                        for weight in weights:
-                            weight.copy_(prox_nm(weight, cfg.lambda1, cfg.nm.n, cfg.nm.m))
+                        factor = ramp(step, steps, cfg.lambda1_ramp)
+                        for weight, lam in zip(weights, lambdas, strict=True):
+                            weight.copy_(prox_nm(weight, lam * factor, cfg.nm.n, cfg.nm.m))
                     run.record(step, loss=loss, lambda2_term=reg,
                                nm_share=nm_share(weights, cfg.nm))
                     done = step + 1
@@ -181,22 +207,15 @@ class ProxSparse(Pruner):
     def _checkpoint(self, run, step, trainable, optimizer, schedule) -> None:
         run.save_checkpoint({
             "step": step,
-            "settings": self.config.settings(),
             "params": [p.detach().cpu() for p in trainable],
             "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(),
-        })
+        }, self.config.identity())
 
     def _restore(self, run, trainable, optimizer, schedule, steps) -> int:
-        state = run.load_checkpoint()
+        state = run.load_checkpoint(self.config.identity())
         if state is None:
             return 0
-        mine = {k: v for k, v in self.config.settings().items() if k != "resume"}
-        saved = {k: v for k, v in state["settings"].items() if k != "resume"}
-        if mine != saved:
-            changed = sorted(k for k in mine if mine.get(k) != saved.get(k))
-            raise ProxSparseError(f"cannot resume: settings differ from the interrupted run "
-                                  f"({', '.join(changed)}); use the same options or a new run")
         with torch.no_grad():
             for param, value in zip(trainable, state["params"], strict=True):
                 param.copy_(value)

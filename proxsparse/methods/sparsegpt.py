@@ -8,6 +8,7 @@ visited through the Cholesky factor of H⁻¹. The kept weights change; the prun
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,21 @@ def hessian(inputs: torch.Tensor) -> torch.Tensor:
     return flat.T @ flat * (2.0 / flat.shape[0])
 
 
+@contextmanager
+def _one_cpu_thread(device: torch.device):
+    """The column loop below is thousands of tiny operations: on the CPU, worker threads only
+    add synchronisation, which costs up to 50x when another process shares the cores."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def sparsegpt_prune(
     weight: torch.Tensor, hess: torch.Tensor, nm: NM, blocksize: int = 128,
     dampening: float = 0.01,
@@ -38,7 +54,6 @@ def sparsegpt_prune(
     """Return ``(new_weight, keep_mask)`` for one layer; ``weight`` is ``[out, in]``."""
     w = weight.detach().to(hess.dtype).clone()  # work in the Hessian's precision
     h = hess.clone()
-    columns = w.shape[1]
     if blocksize % nm.m:
         raise ValueError(f"blocksize {blocksize} must be a multiple of M={nm.m}")
 
@@ -56,6 +71,16 @@ def sparsegpt_prune(
         ) from err
 
     keep = torch.zeros_like(w, dtype=torch.bool)
+    with _one_cpu_thread(w.device):
+        _obs_sweep(w, hinv, keep, nm, blocksize)
+    return w.to(weight.dtype), keep
+
+
+def _obs_sweep(w: torch.Tensor, hinv: torch.Tensor, keep: torch.Tensor, nm: NM,
+               blocksize: int) -> None:
+    """Visit the columns left to right, choosing each group's mask and spreading the pruning
+    error onto the columns not yet visited; updates ``w`` and ``keep`` in place."""
+    columns = w.shape[1]
     for start in range(0, columns, blocksize):
         end = min(start + blocksize, columns)
         block = w[:, start:end].clone()
@@ -78,7 +103,6 @@ def sparsegpt_prune(
             keep[:, start + g : start + g + nm.m] = keep_group
         w[:, start:end] = block
         w[:, end:] -= errors @ hinv[start:end, end:]
-    return w.to(weight.dtype), keep
 
 
 class SparseGPT(Pruner):
