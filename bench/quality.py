@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -59,6 +60,7 @@ def run_row(args: argparse.Namespace, method: str) -> dict:
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "settings": settings, "calib": f"{args.calib} {args.calib_windows}x{args.seqlen}",
         "model": args.model, "torch_threads": torch.get_num_threads(),
+        "load_average": round(os.getloadavg()[1], 1),  # other jobs on the cores skew timings
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python bench/quality.py " + " ".join(_user_args(method)),
     }
@@ -91,15 +93,19 @@ def render() -> None:
         "tokens, seed 0); evaluation on the first 128 windows × 512 tokens of the WikiText-2 "
         "test split (65,408 predicted tokens), fp32, 2 CPU threads. Every projection of the 30 "
         "decoder blocks is pruned; embeddings and lm_head stay dense. Peak memory is the peak "
-        "RSS of the process that loaded, pruned and evaluated the model.",
+        "RSS of the process that loaded, pruned and evaluated the model. Load avg is the machine's "
+        "5-minute load average when the row finished (2 cores: above 2 means other jobs were "
+        "competing and the prune time is pessimistic; rows before it was recorded show '-', and "
+        "were all measured at a load of about 3-4).",
         "",
-        "| label | method | N:M | PPL | prune s | peak RSS GiB | settings | date |",
-        "|---|---|---|---:|---:|---:|---|---|",
+        "| label | method | N:M | PPL | prune s | peak RSS GiB | load avg | settings | date |",
+        "|---|---|---|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
         settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "-"
         lines.append(f"| {r['label']} | {r['method']} | {r['nm']} | {r['ppl']:.2f} | "
-                     f"{r['prune_seconds']:.0f} | {r['peak_rss_gib']:.2f} | {settings} | "
+                     f"{r['prune_seconds']:.0f} | {r['peak_rss_gib']:.2f} | "
+                     f"{r.get('load_average', '-')} | {settings} | "
                      f"{r['date']} |")
     lines += ["", "Peer reference (llm-compressor 0.14, measured in the same setting, "
               "DESIGN.md §6): " + "; ".join(f"{m} PPL {p} in {s} s" for m, (p, s) in PEER.items()),

@@ -14,8 +14,8 @@ face without a valid minimum simply loses the comparison.
 
 * 2:4 (``_prox24``): both faces reduce exactly to one scalar equation psi(v) = 0 with psi convex,
   whose rightmost root is the face's only possible local minimum. Newton's method started to the
-  right of that root converges monotonically, so a fixed number of steps (``_NEWTON_STEPS``)
-  reaches float precision without any data-dependent control flow.
+  right of that root converges monotonically, so a fixed number of steps reaches float
+  precision without any data-dependent control flow.
 * other N:M (``_prox_general``, slower): on each face, damped Newton steps (Hessian shifted to be
   positive definite, best of a few step lengths, never increasing the objective) from two starts:
   the best point on the ray t * a and the lower face's candidate with a small new entry.
@@ -29,7 +29,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-_NEWTON_STEPS = 6  # 2:4: enough for float32 precision in stress tests against a float64 reference
+# 2:4 Newton steps on the top-3 and the full face: the fewest that keep every group within float
+# rounding of a float64 reference in stress tests (one step fewer on either face does not)
+_NEWTON_STEPS_3, _NEWTON_STEPS_4 = 5, 4
 _CPU_CHUNK = 65536  # groups per chunk on the CPU (fastest in measurements: cache vs call overhead)
 _NEWTON_ITERS = 12  # general N:M: damped Newton iterations per face and start ...
 _STEP_LENGTHS = (1.0, 0.5, 0.25, 0.0625)  # ... each trying these step lengths
@@ -130,10 +132,12 @@ def _sort4(a: Tensor) -> tuple[Tensor, Tensor]:
 #          p^2 = y^2 - d4; the variable is y where d4 < 0 and p where d4 >= 0 (there the "-"
 #          branch is infeasible).
 # psi is convex in its variable, and the face's local minimum, if any, is its rightmost root (a
-# left root is a saddle). The smallest entry grows with the variable, so the start u_k = alpha_k
-# (an upper bound for any stationary point) lies right of that root, and Newton's method then
-# decreases monotonically to it; iterates stay in [u_k = 0, u_k = alpha_k]. Terms sqrt(x) - 1
-# are written as (x - 1) / (sqrt(x) + 1) so that small ell (u close to alpha) keeps its precision.
+# left root is a saddle). The smallest entry grows with the variable, so u_k = alpha_k (an upper
+# bound for any stationary point) lies right of that root; so does the branch point y = 0 when
+# psi(y = 0) >= 0 (dpsi = 1 there), else the root lies right of it. Newton's method from such a
+# start decreases monotonically to the root; iterates stay in [u_k = 0, u_k = alpha_k]. Terms
+# sqrt(x) - 1 are written as (x - 1) / (sqrt(x) + 1) so that small ell (u close to alpha) keeps
+# its relative precision.
 
 
 def _face3(al1: Tensor, al2: Tensor, al3: Tensor) -> list[Tensor]:
@@ -146,18 +150,19 @@ def _face3(al1: Tensor, al2: Tensor, al3: Tensor) -> list[Tensor]:
     minus = (s4.sqrt() + c14.sqrt() + c24.sqrt()) >= 4
     eta = torch.where(minus, hi.clamp_max(-1), hi)
     lo = torch.where(minus, lo, lo.clamp_min(-1))
-    for _ in range(_NEWTON_STEPS):
+    one = torch.ones_like(eta)
+    for _ in range(_NEWTON_STEPS_3):
         t = eta + 1
         q = t.square()
         base = torch.addcmul(eta, eta, t)  # (1 + eta)^2 - 1
-        psi, rsum = eta.clone(), torch.zeros_like(eta)
+        psi, rsum = eta, torch.zeros_like(eta)
         for c4 in (s4, c14, c24):
-            x = q + c4
-            r = (x + tiny).rsqrt()
-            psi.addcdiv_(base + c4, x.mul_(r).add_(1))
+            x = q + (c4 + tiny)
+            r = x.rsqrt()
+            psi = torch.addcdiv(psi, base + c4, torch.addcmul(one, x, r))  # + sqrt(x) - 1
             rsum.add_(r)
-        dpsi = rsum.mul_(t).add_(1).clamp_min_(1e-30)
-        eta = torch.clamp(eta - psi / dpsi, lo, hi)
+        dpsi = torch.addcmul(one, rsum, t).clamp_min_(1e-30)
+        eta = torch.clamp(torch.addcdiv(eta, psi, dpsi, value=-1), lo, hi)
     q, base = (eta + 1).square(), torch.addcmul(eta, eta, eta + 1)
     p, r1, r2 = ((base + c4) / (q + c4).sqrt_().add_(1) for c4 in (s4, c14, c24))
     return [(p + r1) * 0.5, (p + r2) * 0.5, (p + eta) * 0.5]
@@ -176,30 +181,38 @@ def _face4(al1: Tensor, al2: Tensor, al3: Tensor, al4: Tensor) -> list[Tensor]:
     p_hi = (2 * al4 * al4 + A) / den  # u4 = alpha4
     p_lo = A - 2 * al4  # u4 = 0
     hi, lo = torch.lerp(p_hi, den - p_hi, use_y), torch.lerp(p_lo, 1 - p_lo, use_y)
+    # with variable y, psi(0) (branch point, where dpsi = 1) tells on which side the root lies
+    psi0 = 2 * (ad4.sqrt() + (al1 - al4).sqrt() + (al2 - al4).sqrt() + (al3 - al4).sqrt()) - 4
+    minus = (psi0 >= 0).to(A.dtype) * use_y
+    v = torch.lerp(hi, hi.clamp_max(0), minus)
+    lo = torch.lerp(lo, lo.clamp_min(0), use_y - minus)
+
+    dp1 = [(dm + 1).clamp_min_(tiny) for dm in dm1]
+    ad4t = ad4 + tiny
+    one = torch.ones_like(A)
 
     def terms(v: Tensor) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]:
         v2 = v.square()
-        x = v2 + ad4
-        rg = (x + tiny).rsqrt()
-        g = x.mul_(rg)  # sqrt(v^2 + |d4|): p if use_y else y
+        x = v2 + ad4t
+        rg = x.rsqrt()
+        g = x * rg  # sqrt(v^2 + |d4|): p if use_y else y
         p = torch.lerp(v, g, use_y)
         ym1 = torch.lerp((v2 + d4m1) / (g + 1), v - 1, use_y)
         qs, rs = [], []
-        for dm in dm1:
-            x = v2 + dm
-            r = (x + 1).clamp_min_(tiny).rsqrt()
-            qs.append(x / (x + 1).mul_(r).add_(1))  # sqrt(p^2 + d_i) - 1
+        for dm, dp in zip(dm1, dp1, strict=True):
+            x = v2 + dp
+            r = x.rsqrt()
+            qs.append((v2 + dm) / torch.addcmul(one, x, r))  # sqrt(p^2 + d_i) - 1
             rs.append(r)
         return rg, p, ym1, qs, rs
 
-    v = hi
-    for _ in range(_NEWTON_STEPS):
+    for _ in range(_NEWTON_STEPS_4):
         rg, p, ym1, qs, rs = terms(v)
         psi = torch.add(ym1, p, alpha=2).add_(qs[0]).add_(qs[1]).add_(qs[2])
         vg = v * rg
-        dpsi = torch.lerp(vg + 2, vg.mul(2).add_(1), use_y)  # 2 dp/dv + dy/dv
+        dpsi = torch.addcmul(vg + 2, use_y, vg - 1)  # 2 dp/dv + dy/dv
         dpsi.addcmul_(v, rs[0].add_(rs[1]).add_(rs[2])).clamp_min_(1e-30)
-        v = torch.clamp(v - psi / dpsi, lo, hi)
+        v = torch.clamp(torch.addcdiv(v, psi, dpsi, value=-1), lo, hi)
     _, p, ym1, qs, _ = terms(v)
     return [(p + qs[0]) * 0.5, (p + qs[1]) * 0.5, (p + qs[2]) * 0.5, (p + ym1) * 0.5]
 
@@ -313,7 +326,7 @@ def _prox_general(a: Tensor, lam: Tensor | float, n: int) -> Tensor:
         nb2, ek = (bk * bk).sum(1), (n + 1) * ell * _esp(bk, n + 1)
         t = torch.ones_like(nb2)
         for _ in range(_RAY_STEPS):
-            t = t - ((t - 1) * nb2 + ek * t**n) / (nb2 + n * ek * t ** (n - 1))
+            t = t - ((t - 1) * nb2 + ek * t**n) / (nb2 + n * ek * t ** (n - 1)).clamp_min(1e-30)
         # start 2: the face below's candidate with a small new entry (minima with a small u_k)
         starts = [t[:, None] * bk, torch.cat([prev, 1e-3 * bk[:, -1:]], 1)]
         u = _damped_newton(torch.cat(starts, 0), b.repeat(2, 1), ell.repeat(2), n)

@@ -189,6 +189,19 @@ def test_2_4_hard_cases() -> None:
         assert (ours <= ref_obj + tolerance(a, ref_obj)).all(), (lam, ours - ref_obj)
 
 
+def test_general_path_agrees_with_the_2_4_path() -> None:
+    """The general N:M solver, run on 2:4 groups, finds the same objectives."""
+    from proxsparse.prox import _prox_general
+
+    w = random_groups(4, 300, seed=5)
+    a = sorted_magnitudes(w, 4)
+    for lam in (0.3, 0.8, 1.2):
+        lam_t = torch.full((len(a),), lam, dtype=torch.float64)
+        fast = objective(sorted_magnitudes(prox_nm(w, lam), 4), a, lam_t, 2)
+        general = objective(_prox_general(a.float(), lam, 2).double(), a, lam_t, 2)
+        assert torch.allclose(fast, general, rtol=1e-5, atol=1e-12 * float(a.max()) ** 2)
+
+
 # ------------------------------------------------------------------ properties
 
 SCALES = [1e-4, 1e-2, 1.0, 1e2]
