@@ -43,6 +43,16 @@ class PruneConfig:
                 "ignore": list(self.ignore)}
 
 
+@dataclass
+class LearningConfig(PruneConfig):
+    """Settings every learning method shares: where its run lives and how often it reports."""
+
+    run_dir: str = ""  # log, plot and checkpoints; "" keeps nothing on disk
+    resume: bool = False
+    checkpoint_every: int = 50
+    log_every: int = 10
+
+
 class Pruner(ABC):
     """Chooses an N:M keep-mask for every target layer.
 

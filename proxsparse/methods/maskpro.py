@@ -34,7 +34,7 @@ from ..export import load_masks
 from ..models import Target
 from ..nm import NM, groups, pack_mask, topn_mask, unpack_mask
 from ..runlog import DeferredInterrupt, RunDir
-from .base import PruneConfig, Pruner
+from .base import LearningConfig, Pruner
 
 MAX_N = 4  # log p(set) sums over the N! orders a set can be drawn in: 24 for N = 4
 BASELINE_DECAY = 0.99  # δ ← 0.99·δ + 0.01·(L_t − L_0)
@@ -43,16 +43,13 @@ FAR = 1e9  # beyond any logit: pushes an entry out of a min or max
 
 
 @dataclass
-class MaskProConfig(PruneConfig):
+class MaskProConfig(LearningConfig):
     prior: str = "magnitude"  # magnitude|wanda|sparsegpt|proxsparse, or a mask file / output dir
     logit_scale: float = 10.0  # C: the logits start at C·prior mask
     lr: float = 50.0  # η, as published (with the loss a mean over tokens)
     steps: int = 1000
     batch_size: int = 1  # calibration windows per step
-    run_dir: str = ""  # log, plot and checkpoints; "" keeps nothing on disk
-    resume: bool = False
     checkpoint_every: int = 100
-    log_every: int = 10
     method = "maskpro"
 
 

@@ -20,11 +20,11 @@ from ..errors import ProxSparseError
 from ..nm import NM, groups, topn_mask
 from ..prox import prox_nm
 from ..runlog import DeferredInterrupt, RunDir
-from .base import PruneConfig, Pruner
+from .base import LearningConfig, Pruner
 
 
 @dataclass
-class ProxSparseConfig(PruneConfig):
+class ProxSparseConfig(LearningConfig):
     lambda1: float = 0.25  # strength of the N:M regulariser, applied by the prox every step
     lambda1_scaling: str = "absolute"  # or "layer": λ1 relative to each layer's weight scale
     lambda1_ramp: float = 0.0  # share of steps over which λ1 rises linearly from 0
@@ -38,10 +38,6 @@ class ProxSparseConfig(PruneConfig):
     train_all: bool = False  # also let the non-target parameters move (as the paper's code)
     gradient_checkpointing: bool = False
     w0_device: str = ""  # where the pretrained copy lives; "" = beside the weights
-    run_dir: str = ""  # log, plot and checkpoints; "" keeps nothing on disk
-    resume: bool = False
-    checkpoint_every: int = 50
-    log_every: int = 10
     method = "proxsparse"
 
 
