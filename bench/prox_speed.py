@@ -53,22 +53,22 @@ def group_objective(u: torch.Tensor, w: torch.Tensor, lam: float) -> torch.Tenso
 PAPER_ROWS_BIG = 1024
 
 
-def measure(shape: tuple[int, int], scale: float, seed: int) -> dict:
+def measure(shape: tuple[int, int], scale: float, seed: int, compiled: bool = False) -> dict:
     w = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale
     lam = LAM_TIMES_SCALE / scale
     big = w.numel() > 4_000_000
-    prox_nm(w[:64], lam)  # warm-up
+    prox_nm(w[:64], lam, compiled=compiled)  # warm-up (and compilation)
     t_abs = best_time(lambda: torch.abs(w), 20)
     buf = torch.empty_like(w)
     t_abs_out = best_time(lambda: torch.abs(w, out=buf), 20)
-    t_ours = best_time(lambda: prox_nm(w, lam), 3 if big else 10)
+    t_ours = best_time(lambda: prox_nm(w, lam, compiled=compiled), 3 if big else 10)
     wp = w[:PAPER_ROWS_BIG] if big else w  # the paper's solver: same rate, fewer rows
     start = time.perf_counter()
     paper = paper_prox(wp, lam)
     t_paper = (time.perf_counter() - start) * w.numel() / wp.numel()
     if not big:
         t_paper = min(t_paper, best_time(lambda: paper_prox(w, lam), 1))
-    ours = prox_nm(w, lam)
+    ours = prox_nm(w, lam, compiled=compiled)
     o_ours, o_paper = group_objective(ours[:len(wp)], wp, lam), group_objective(paper, wp, lam)
     gap = o_ours - o_paper
     nnz = (ours.reshape(-1, 4) != 0).sum(1)
@@ -81,8 +81,11 @@ def measure(shape: tuple[int, int], scale: float, seed: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", default="2,1", help="comma-separated thread counts")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "prox_speed.md"))
+    parser.add_argument("--out", default="")
+    parser.add_argument("--compiled", action="store_true", help="time prox_nm(compiled=True)")
     args = parser.parse_args()
+    name = "prox_speed_compiled.md" if args.compiled else "prox_speed.md"
+    args.out = args.out or str(Path(__file__).parent / "results" / name)
     load_before = os.getloadavg()
 
     header = ("| layer | scale | ours M w/s | paper M w/s | abs M w/s (out=) | ours vs paper | "
@@ -95,7 +98,7 @@ def main() -> None:
         print(f"{threads} threads", flush=True)
         for i, (name, shape) in enumerate(SHAPES):
             for scale in SCALES:
-                r = measure(shape, scale, seed=i)
+                r = measure(shape, scale, seed=i, compiled=args.compiled)
                 mw = {k: r["n"] / r[k] / 1e6 for k in ("t_ours", "t_paper", "t_abs", "t_abs_out")}
                 row = (f"| {name} | {scale:g} | {mw['t_ours']:.1f} | {mw['t_paper']:.2f} | "
                        f"{mw['t_abs']:.0f} ({mw['t_abs_out']:.0f}) | "
@@ -106,7 +109,9 @@ def main() -> None:
                 print(row, flush=True)
         tables.append("\n".join(rows))
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%a %b %d %H:%M:%S UTC %Y")
-    text = f"""# prox_nm speed (2:4)
+    flag = " --compiled" if args.compiled else ""
+    variant = "torch.compile'd (`compiled=True`)" if args.compiled else "eager"
+    text = f"""# prox_nm speed (2:4, {variant})
 
 `prox_nm` (proxsparse/prox.py) against the paper's alternating solver (bench/paper_prox.py:
 exact coordinate descent per candidate support from u = 0, up to 100 sweeps, host-side stop
@@ -123,7 +128,7 @@ state, so the "(out=)" rate into a preallocated tensor is shown beside it.
 
 {(chr(10) * 2).join(tables)}
 
-- command: `python bench/prox_speed.py --threads {args.threads}`
+- command: `python bench/prox_speed.py --threads {args.threads}{flag}`
 - date: {now}
 - torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs
 - load average before / after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f} (other jobs

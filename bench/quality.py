@@ -3,6 +3,7 @@
     python bench/quality.py                              # dense, magnitude, wanda, sparsegpt
     python bench/quality.py --methods wanda --nm 4:8     # add or refresh rows
     python bench/quality.py --table-only                 # re-render the table and plot
+    python bench/quality.py --reconstruct-from proxsparse-2of4   # a row's masks + OBS re-fit
 
 Each row runs in its own process (so its peak memory is its own) and is stored as
 ``bench/results/quality/<label>.json``; the table ``bench/results/quality.md`` and the plot
@@ -24,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 ROWS = RESULTS / "quality"
+MASKS = ROOT / "bench" / "work" / "masks"  # each row's masks (not committed), for re-use
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 # Measured by the project lead with llm-compressor 0.14 in this setting (DESIGN.md §6).
 PEER = {"sparsegpt": (221.6, 451), "wanda": (260.1, 285)}
@@ -34,13 +36,16 @@ def run_row(args: argparse.Namespace, method: str) -> dict:
     import torch
 
     import proxsparse as ps
+    from proxsparse.export import save_masks
 
     torch.manual_seed(0)
     model, tokenizer = ps.load_model(args.model)
     windows = ps.eval_windows(ps.tokenize(tokenizer, ps.load_text(str(args.eval_text))),
                               args.seqlen, args.eval_windows)
     seconds, settings = 0.0, {}
-    if method != "dense":
+    if args.reconstruct_from:
+        seconds, settings = reconstruct_row(args, model, tokenizer)
+    elif method != "dense":
         overrides = dict(kv.split("=", 1) for kv in args.set)
         config = ps.config_for(method, nm=args.nm, seed=args.seed)
         for key, value in overrides.items():
@@ -51,8 +56,11 @@ def run_row(args: argparse.Namespace, method: str) -> dict:
         calib = ps.calibration_windows(tokenizer, args.calib, args.calib_windows, args.seqlen,
                                        args.seed)
         start = time.perf_counter()
-        ps.prune(model, config, calib)
+        result = ps.prune(model, config, calib)
         seconds = time.perf_counter() - start
+        MASKS.mkdir(parents=True, exist_ok=True)
+        save_masks(MASKS / f"{label_of(method, args.nm, args.label_suffix)}.safetensors",
+                   result.masks, config.nm)
     result = ps.perplexity(model, windows)
     return {
         "method": method, "nm": args.nm if method != "dense" else "-", "ppl": result.ppl,
@@ -64,6 +72,24 @@ def run_row(args: argparse.Namespace, method: str) -> dict:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python bench/quality.py " + " ".join(_user_args(method)),
     }
+
+
+def reconstruct_row(args: argparse.Namespace, model, tokenizer) -> tuple[float, dict]:
+    """Apply the masks a stored row learned, then re-fit the kept weights by SparseGPT's OBS
+    update on the same calibration windows. Prune seconds = the row's + the re-fit's."""
+    import proxsparse as ps
+    from proxsparse.methods.sparsegpt import reconstruct
+
+    source = json.loads((ROWS / f"{args.reconstruct_from}.json").read_text())
+    masks, nm = ps.load_masks(MASKS / f"{args.reconstruct_from}.safetensors")
+    targets, _ = ps.find_targets(model, nm)
+    ps.apply_masks(model, masks)
+    calib = ps.calibration_windows(tokenizer, args.calib, args.calib_windows, args.seqlen,
+                                   args.seed)
+    start = time.perf_counter()
+    reconstruct(model, [t for t in targets if t.name in masks], calib, masks, nm)
+    seconds = time.perf_counter() - start
+    return source["prune_seconds"] + seconds, {**source["settings"], "reconstruct": True}
 
 
 def _user_args(method: str) -> list[str]:
@@ -151,10 +177,17 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a method setting, e.g. --set lambda1=0.5")
     parser.add_argument("--label-suffix", default="")
+    parser.add_argument("--reconstruct-from", metavar="LABEL",
+                        help="new row LABEL-reconstructed: that row's masks, kept weights re-fit")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in-process
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
 
+    if args.reconstruct_from:
+        source = json.loads((ROWS / f"{args.reconstruct_from}.json").read_text())
+        args.methods, args.nm = source["method"], source["nm"]
+        args.label_suffix = "-".join(filter(None, [args.reconstruct_from.split(
+            label_of(source["method"], source["nm"], ""), 1)[-1].lstrip("-"), "reconstructed"]))
     if args.row:
         row = run_row(args, args.row)
         ROWS.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,8 @@ CPU groups are processed in chunks so that the many elementwise passes stay in c
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -68,12 +70,18 @@ def nm_penalty(weight: Tensor, n: int = 2, m: int = 4) -> Tensor:
     return nm_penalty_groups(weight, n, m).sum()
 
 
-def prox_nm(weight: Tensor, lam: float | Tensor, n: int = 2, m: int = 4) -> Tensor:
+def prox_nm(
+    weight: Tensor, lam: float | Tensor, n: int = 2, m: int = 4, compiled: bool = False
+) -> Tensor:
     """Group-wise proximal operator of ``lam * R``: same shape, dtype and device as ``weight``.
 
     ``lam`` may be a python number or a 0-d tensor on the weight's device or the CPU (a tensor is
     never read on the host, so it can change between calls at no cost). Computation is in
     float32 (float64 stays float64); the result is cast back to the weight's dtype.
+
+    ``compiled=True`` runs the float32 2:4 path through ``torch.compile``, which fuses its many
+    elementwise passes into one (several times faster; the first call compiles for about a
+    minute, so it pays off on large models or many calls). Other cases ignore it.
     """
     _check(weight, n, m)
     if not isinstance(lam, Tensor) and lam < 0:
@@ -82,20 +90,39 @@ def prox_nm(weight: Tensor, lam: float | Tensor, n: int = 2, m: int = 4) -> Tens
     z = weight.detach().reshape(-1, m)
     lam_t = lam.detach().to(ctype) if isinstance(lam, Tensor) else float(lam)
     out = torch.empty(z.shape, dtype=ctype, device=z.device)
-    chunk = _CPU_CHUNK if z.device.type == "cpu" else max(z.shape[0], 1)
+    fused = compiled and (n, m) == (2, 4) and ctype == torch.float32
+    if fused:
+        lam_t = torch.as_tensor(lam_t, dtype=ctype, device=z.device)  # no recompile per value
+    chunk = _CPU_CHUNK if z.device.type == "cpu" or fused else max(z.shape[0], 1)
     for start in range(0, z.shape[0], chunk):
         zc, oc = z[start:start + chunk].to(ctype), out[start:start + chunk]
-        if (n, m) == (2, 4):
-            if ctype == torch.float32:
-                vals, order = _sort4(zc.abs())
-            else:
-                vals, order = (x.t() for x in zc.abs().sort(dim=1, descending=True))
-            oc.t().scatter_(0, order, _prox24(vals, lam_t))
+        if fused:
+            # one fixed shape, so one compilation serves every layer: pad the last chunk
+            padded = torch.nn.functional.pad(zc, (0, 0, 0, chunk - zc.shape[0]))
+            oc.copy_(_compiled_chunk24()(padded, lam_t)[: zc.shape[0]])
+        elif (n, m) == (2, 4):
+            oc.copy_(_chunk24(zc, lam_t))
         else:
             vals, order = zc.abs().sort(dim=1, descending=True)
             oc.scatter_(1, order, _prox_general(vals, lam_t, n))
-        torch.copysign(oc, zc, out=oc)
+            torch.copysign(oc, zc, out=oc)
     return out.reshape(weight.shape).to(weight.dtype)
+
+
+@functools.cache
+def _compiled_chunk24():
+    return torch.compile(_chunk24, dynamic=False)
+
+
+def _chunk24(z: Tensor, lam: Tensor | float) -> Tensor:
+    """2:4 prox of groups ``z`` ([G, 4]), signs included."""
+    if z.dtype == torch.float32:
+        vals, order = _sort4(z.abs())
+    else:
+        vals, order = (x.t() for x in z.abs().sort(dim=1, descending=True))
+    out = torch.empty_like(z)
+    out.t().scatter_(0, order, _prox24(vals, lam))
+    return torch.copysign(out, z)
 
 
 # --------------------------------------------------------------------------------------------

@@ -118,3 +118,14 @@ def test_methods_that_need_calibration_say_so(model):
 def test_unknown_method():
     with pytest.raises(ProxSparseError, match="unknown method"):
         config_for("sparsest")
+
+
+def test_sparsegpt_with_a_fixed_mask_keeps_it_and_beats_plain_masking():
+    torch.manual_seed(2)
+    weight, x = torch.randn(32, 64), torch.randn(1024, 64) @ torch.randn(64, 64)
+    wanda_mask = topn_mask(weight.abs() * x.norm(dim=0), NM(2, 4))
+    new_weight, keep = sparsegpt_prune(weight, hessian(x), NM(2, 4), mask=wanda_mask)
+    assert torch.equal(keep, wanda_mask)
+    err_fixed = (x @ (new_weight * keep).T - x @ weight.T).norm()
+    err_plain = (x @ (weight * wanda_mask).T - x @ weight.T).norm()
+    assert err_fixed < 0.9 * err_plain

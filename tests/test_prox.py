@@ -336,3 +336,19 @@ def test_errors(kwargs, match: str) -> None:
     if "lam" not in match:
         with pytest.raises(ValueError, match=match):
             nm_penalty(w, **kwargs)
+
+
+def test_compiled_2_4_is_exact_too() -> None:
+    """The torch.compile'd 2:4 path (one fused kernel) is held to the same float64 reference,
+    across scales and regimes, in one compilation (lam is passed as a tensor)."""
+    for scale in (1e-4, 1.0, 100.0):
+        w = random_groups(4, 240, seed=11) * scale
+        a = sorted_magnitudes(w, 4)
+        for unit in (0.05, 0.8, 5.0):
+            lam = unit / scale
+            lam_t = torch.full((len(a),), lam, dtype=torch.float64)
+            _, ref_obj = reference_prox(a, lam_t, 2)
+            u = prox_nm(w, lam, compiled=True)
+            ours = objective(sorted_magnitudes(u, 4), a, lam_t, 2)
+            assert (ours <= ref_obj + tolerance(a, ref_obj)).all(), (scale, unit)
+            assert torch.equal(u.sign() * (u != 0), w.sign() * (u != 0))

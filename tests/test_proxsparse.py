@@ -116,3 +116,36 @@ def test_interrupted_run_resumes_to_the_same_mask(tokenizer, calib, tmp_path, mo
 
     with pytest.raises(Exception, match="settings differ"):
         learn(tokenizer, calib, run_dir=run_dir, resume=True, **{**settings, "lr": 0.5})
+
+
+def test_input_scaled_regulariser_starts_from_the_wanda_mask(tokenizer, calib):
+    """With no learning (lr 0, λ1 0) the input-scaled mask is top-N of |W|·‖X_j‖, measured on
+    the dense model: a one-shot Wanda mask."""
+    from proxsparse.activations import input_feature_norms
+    from proxsparse.models import find_targets
+    from proxsparse.nm import topn_mask
+
+    model = make_model(len(tokenizer))
+    targets, _ = find_targets(model, NM(2, 4))
+    norms = input_feature_norms(model, targets, calib[:4], progress=False)
+    expected = {t.name: topn_mask(t.module.weight.detach().abs() * norms[t.name], NM(2, 4))
+                for t in targets}
+    config = ProxSparseConfig(steps=2, lr=0.0, lambda1=0.0, lambda2=0.0, input_scaled=True,
+                              norm_windows=4)
+    result = prune(model, config, calib, progress=False)
+    plain = prune(make_model(len(tokenizer)), ProxSparseConfig(steps=2, lr=0.0, lambda1=0.0),
+                  calib, progress=False)
+    assert all(torch.equal(result.masks[n], expected[n]) for n in expected)
+    assert any(not torch.equal(plain.masks[n], expected[n]) for n in expected)
+
+
+def test_reconstruct_changes_only_kept_weights_and_keeps_the_mask(tokenizer, calib):
+    model, pretrained, result = learn(tokenizer, calib, lambda1=5.0)
+    rebuilt, _, again = learn(tokenizer, calib, lambda1=5.0, reconstruct=True)
+    changed = 0
+    for name, mask in result.masks.items():
+        assert torch.equal(again.masks[name], mask)
+        weight = rebuilt.get_submodule(name).weight
+        assert is_valid_nm(weight, NM(2, 4))
+        changed += int(not torch.equal(weight, pretrained[name + ".weight"] * mask))
+    assert changed > 0

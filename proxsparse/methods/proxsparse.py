@@ -10,17 +10,20 @@ pretrained weights are kept under it: no weight is updated after the mask is cho
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..activations import input_feature_norms
 from ..errors import ProxSparseError
 from ..nm import NM, groups, topn_mask
 from ..prox import prox_nm
 from ..runlog import DeferredInterrupt, RunDir
 from .base import LearningConfig, Pruner
+from .sparsegpt import reconstruct
 
 
 @dataclass
@@ -38,6 +41,10 @@ class ProxSparseConfig(LearningConfig):
     train_all: bool = False  # also let the non-target parameters move (as the paper's code)
     gradient_checkpointing: bool = False
     w0_device: str = ""  # where the pretrained copy lives; "" = beside the weights
+    input_scaled: bool = False  # regularise |W_ij|·‖X_j‖ (Wanda's score) instead of |W_ij|
+    norm_windows: int = 32  # calibration windows that measure ‖X_j‖ for input_scaled
+    reconstruct: bool = False  # after the mask: re-fit kept weights by SparseGPT's update
+    compile_prox: bool = True  # fuse the 2:4 prox with torch.compile (models >= 5M weights)
     method = "proxsparse"
 
 
@@ -102,11 +109,13 @@ class ProxSparse(Pruner):
                                   f"{calib.shape[0]} calibration windows")
         steps = cfg.steps or math.ceil(calib.shape[0] / cfg.batch_size)
         weights = [t.module.weight for t in targets]
+        scales = self._input_scales(model, targets, calib, progress)
         requires_grad = {p: p.requires_grad for p in model.parameters()}
         trainable = self._trainable(model, weights)
         w0_device = cfg.w0_device or None
         pretrained = {id(p): p.detach().to(w0_device, copy=True) for p in trainable}
-        lambdas = layer_lambdas(weights, cfg)
+        lambdas = layer_lambdas([w * s for w, s in zip(weights, scales, strict=True)], cfg)
+        self._compiled = cfg.compile_prox and sum(w.numel() for w in weights) >= 5_000_000
 
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -134,8 +143,8 @@ class ProxSparse(Pruner):
                     optimizer.zero_grad(set_to_none=True)
                     with torch.no_grad():
                         factor = ramp(step, steps, cfg.lambda1_ramp)
-                        for weight, lam in zip(weights, lambdas, strict=True):
-                            weight.copy_(prox_nm(weight, lam * factor, cfg.nm.n, cfg.nm.m))
+                        for weight, lam, s in zip(weights, lambdas, scales, strict=True):
+                            weight.copy_(self._prox(weight * s, lam * factor).div_(s))
                     run.record(step, loss=loss, lambda2_term=reg,
                                nm_share=nm_share(weights, cfg.nm))
                     done = step + 1
@@ -160,13 +169,45 @@ class ProxSparse(Pruner):
 
         masks = {}
         with torch.no_grad():
-            for target in targets:
-                masks[target.name] = topn_mask(target.module.weight.abs(), cfg.nm)
+            for target, s in zip(targets, scales, strict=True):
+                masks[target.name] = topn_mask(target.module.weight.abs() * s, cfg.nm)
             for param in trainable:  # back to the pretrained values; the caller applies masks
                 param.copy_(pretrained[id(param)])
+        if cfg.reconstruct:
+            reconstruct(model, targets, calib, masks, cfg.nm, progress=progress)
         return masks
 
     # --- pieces of the loop ---
+
+    def _input_scales(self, model, targets, calib, progress) -> list[torch.Tensor]:
+        """Per-layer column scales the regulariser sees the weights through: ‖X_j‖ normalised
+        to RMS 1 with ``input_scaled`` (so the first mask is Wanda's), else 1."""
+        if not self.config.input_scaled:
+            return [torch.ones((), device=t.module.weight.device) for t in targets]
+        was_training = model.training
+        model.eval()
+        try:
+            norms = input_feature_norms(model, targets, calib[: self.config.norm_windows],
+                                        progress=progress)
+        finally:
+            model.train(was_training)
+        scales = []
+        for target in targets:
+            norm = norms[target.name].to(target.module.weight.device)
+            norm = norm / norm.square().mean().sqrt().clamp_min(1e-12)
+            scales.append(norm.clamp_min(1e-3))  # silent features: pruned first, no 1/0
+        return scales
+
+    def _prox(self, weight: torch.Tensor, lam: float) -> torch.Tensor:
+        nm = self.config.nm
+        if self._compiled:
+            try:
+                return prox_nm(weight, lam, nm.n, nm.m, compiled=True)
+            except Exception as err:  # no C++ compiler, unsupported platform, ...
+                warnings.warn(f"torch.compile of the prox failed ({str(err).splitlines()[0]}); "
+                              "using the eager prox (slower, same result)", stacklevel=2)
+                self._compiled = False
+        return prox_nm(weight, lam, nm.n, nm.m)
 
     def _trainable(self, model: nn.Module, weights: list[torch.Tensor]) -> list[nn.Parameter]:
         if self.config.train_all:

@@ -49,9 +49,12 @@ def _one_cpu_thread(device: torch.device):
 
 def sparsegpt_prune(
     weight: torch.Tensor, hess: torch.Tensor, nm: NM, blocksize: int = 128,
-    dampening: float = 0.01,
+    dampening: float = 0.01, mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(new_weight, keep_mask)`` for one layer; ``weight`` is ``[out, in]``."""
+    """Return ``(new_weight, keep_mask)`` for one layer; ``weight`` is ``[out, in]``.
+
+    With ``mask`` given, the mask is fixed and only the kept weights are reconstructed.
+    """
     w = weight.detach().to(hess.dtype).clone()  # work in the Hessian's precision
     h = hess.clone()
     if blocksize % nm.m:
@@ -71,15 +74,17 @@ def sparsegpt_prune(
         ) from err
 
     keep = torch.zeros_like(w, dtype=torch.bool)
+    fixed = None if mask is None else mask.to(w.device, torch.bool)
     with _one_cpu_thread(w.device):
-        _obs_sweep(w, hinv, keep, nm, blocksize)
+        _obs_sweep(w, hinv, keep, nm, blocksize, fixed)
     return w.to(weight.dtype), keep
 
 
 def _obs_sweep(w: torch.Tensor, hinv: torch.Tensor, keep: torch.Tensor, nm: NM,
-               blocksize: int) -> None:
-    """Visit the columns left to right, choosing each group's mask and spreading the pruning
-    error onto the columns not yet visited; updates ``w`` and ``keep`` in place."""
+               blocksize: int, fixed: torch.Tensor | None = None) -> None:
+    """Visit the columns left to right, choosing each group's mask (or taking it from
+    ``fixed``) and spreading the pruning error onto the columns not yet visited; updates ``w``
+    and ``keep`` in place."""
     columns = w.shape[1]
     for start in range(0, columns, blocksize):
         end = min(start + blocksize, columns)
@@ -88,8 +93,11 @@ def _obs_sweep(w: torch.Tensor, hinv: torch.Tensor, keep: torch.Tensor, nm: NM,
         errors = torch.zeros_like(block)
         for g in range(0, end - start, nm.m):
             cols = slice(g, g + nm.m)
-            saliency = block[:, cols].square() / hblock.diagonal()[cols].square()
-            keep_group = topn_mask(saliency, nm)
+            if fixed is None:
+                saliency = block[:, cols].square() / hblock.diagonal()[cols].square()
+                keep_group = topn_mask(saliency, nm)
+            else:
+                keep_group = fixed[:, start + g : start + g + nm.m]
             # Visit the group's columns in order; a pruned entry's error moves onto the later
             # columns of the group here and onto the rest of the block in one product below.
             group = block[:, cols].clone()
@@ -103,6 +111,26 @@ def _obs_sweep(w: torch.Tensor, hinv: torch.Tensor, keep: torch.Tensor, nm: NM,
             keep[:, start + g : start + g + nm.m] = keep_group
         w[:, start:end] = block
         w[:, end:] -= errors @ hinv[start:end, end:]
+
+
+def reconstruct(
+    model: torch.nn.Module, targets: list, calib: torch.Tensor, masks: dict[str, torch.Tensor],
+    nm: NM, blocksize: int = 128, dampening: float = 0.01, progress: bool = True,
+) -> None:
+    """Keep every mask as given and re-fit the kept weights by SparseGPT's OBS update, block by
+    block on the already-pruned model's activations. This changes the kept weights."""
+
+    cache: dict = {"input": None, "hessian": None}
+
+    def prune_layer(target, inputs):
+        if cache["input"] is not inputs:
+            cache["input"], cache["hessian"] = inputs, hessian(inputs)
+        weight = target.module.weight
+        mask = masks[target.name]
+        new_weight, _ = sparsegpt_prune(weight, cache["hessian"], nm, blocksize, dampening, mask)
+        weight.copy_(new_weight * mask.to(weight.device, weight.dtype))
+
+    prune_blockwise(model, targets, calib, prune_layer, progress)
 
 
 class SparseGPT(Pruner):
