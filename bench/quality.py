@@ -124,21 +124,55 @@ def render() -> None:
         "competing and the prune time is pessimistic; rows before it was recorded show '-', and "
         "were all measured at a load of about 3-4).",
         "",
-        "| label | method | N:M | PPL | prune s | peak RSS GiB | load avg | settings | date |",
-        "|---|---|---|---:|---:|---:|---:|---|---|",
+        "| label | method | N:M | PPL | prune s | peak RSS GiB | threads | load avg | "
+        "settings (vs. today's defaults) | date |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
-        settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "-"
+        settings = ", ".join(f"{k}={v}" for k, v in _non_default(r).items()) or "defaults"
         lines.append(f"| {r['label']} | {r['method']} | {r['nm']} | {r['ppl']:.2f} | "
                      f"{r['prune_seconds']:.0f} | {r['peak_rss_gib']:.2f} | "
-                     f"{r.get('load_average', '-')} | {settings} | "
+                     f"{r.get('torch_threads', 2)} | {r.get('load_average', '-')} | {settings} | "
                      f"{r['date']} |")
     lines += ["", "Peer reference (llm-compressor 0.14, measured in the same setting, "
               "DESIGN.md §6): " + "; ".join(f"{m} PPL {p} in {s} s" for m, (p, s) in PEER.items()),
-              "", "Commands that produced the rows:", ""]
-    lines += sorted({f"    {r['command']}" for r in rows})
+              "", "Commands that reproduce the rows (settings spelled out against today's "
+              "defaults):", ""]
+    lines += [f"    {reproduce(r)}" for r in rows]
     (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
     plot(rows)
+
+
+BOOKKEEPING = {"run_dir", "resume", "log_every", "checkpoint_every"}
+
+
+def _non_default(row: dict) -> dict:
+    """The row's settings that differ from the method's current defaults."""
+    if row["method"] == "dense":
+        return {}
+    import proxsparse as ps
+
+    defaults = ps.config_for(row["method"]).settings()
+    return {k: v for k, v in row["settings"].items()
+            if k not in BOOKKEEPING and (k not in defaults or defaults[k] != v)}
+
+
+def reproduce(row: dict) -> str:
+    """The command that reproduces a row with today's code: every setting that differs from
+    today's defaults is spelled out (a stored command line would silently change meaning when a
+    default changes)."""
+    method = row["method"]
+    parts = ["python bench/quality.py", "--methods", method]
+    if method != "dense" and row["nm"] != "2:4":
+        parts += ["--nm", row["nm"]]
+    suffix = row["label"].removeprefix(label_of(method, row["nm"], "")).lstrip("-")
+    if row["settings"].get("reconstruct") and suffix.endswith("reconstructed"):
+        source = row["label"].removesuffix("-reconstructed")
+        return f"{' '.join(parts[:1])} --reconstruct-from {source}"
+    if suffix:
+        parts += ["--label-suffix", suffix]
+    parts += [f"--set {k}={v}" for k, v in _non_default(row).items()]
+    return " ".join(parts)
 
 
 def plot(rows: list[dict]) -> None:
