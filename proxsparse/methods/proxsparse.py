@@ -28,12 +28,18 @@ from .sparsegpt import reconstruct
 
 @dataclass
 class ProxSparseConfig(LearningConfig):
-    lambda1: float = 0.25  # strength of the N:M regulariser, applied by the prox every step
-    lambda1_scaling: str = "absolute"  # or "layer": λ1 relative to each layer's weight scale
-    lambda1_ramp: float = 0.0  # share of steps over which λ1 rises linearly from 0
+    """Defaults: the best configuration measured on SmolLM2-135M (bench/results/quality.md).
+
+    ``lambda1`` is relative to each layer's weight scale (``lambda1_scaling="layer"``); with
+    ``"absolute"`` it means what the paper's λ1 means (Llama-2-7B: 0.25).
+    """
+
+    lambda1: float = 0.005  # strength of the N:M regulariser, applied by the prox every step
+    lambda1_scaling: str = "layer"  # or "absolute" (as published)
+    lambda1_ramp: float = 0.5  # share of steps over which λ1 rises linearly from 0
     lambda2: float = 0.1  # pull towards W0 or 0; 0 switches it off
     epsilon: float = 0.1
-    lr: float = 1e-4
+    lr: float = 2e-4
     steps: int = 0  # 0: one pass over the calibration windows
     batch_size: int = 1
     warmup: float = 0.1  # share of steps with a linear warm-up, then linear decay to 0
@@ -41,7 +47,7 @@ class ProxSparseConfig(LearningConfig):
     train_all: bool = False  # also let the non-target parameters move (as the paper's code)
     gradient_checkpointing: bool = False
     w0_device: str = ""  # where the pretrained copy lives; "" = beside the weights
-    input_scaled: bool = False  # regularise |W_ij|·‖X_j‖ (Wanda's score) instead of |W_ij|
+    input_scaled: bool = True  # regularise |W_ij|·‖X_j‖ (Wanda's score) instead of |W_ij|
     norm_windows: int = 32  # calibration windows that measure ‖X_j‖ for input_scaled
     reconstruct: bool = False  # after the mask: re-fit kept weights by SparseGPT's update
     compile_prox: bool = True  # fuse the 2:4 prox with torch.compile (models >= 5M weights)
