@@ -82,8 +82,7 @@ def reconstruct_row(args: argparse.Namespace, model, tokenizer) -> tuple[float, 
 
     source = json.loads((ROWS / f"{args.reconstruct_from}.json").read_text())
     masks, nm = ps.load_masks(MASKS / f"{args.reconstruct_from}.safetensors")
-    targets, _ = ps.find_targets(model, nm)
-    ps.apply_masks(model, masks)
+    targets, _ = ps.find_targets(model, nm)  # the re-fit needs the dense weights: no masking
     calib = ps.calibration_windows(tokenizer, args.calib, args.calib_windows, args.seqlen,
                                    args.seed)
     start = time.perf_counter()

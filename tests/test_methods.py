@@ -135,3 +135,15 @@ def test_sparsegpt_with_a_fixed_mask_keeps_it_and_beats_plain_masking():
         best[row, cols] = torch.linalg.lstsq(x[:, cols], x @ weight[row]).solution
     err_best = (x @ best.T - x @ weight.T).norm()
     assert err_best <= err_fixed < 0.95 * err_plain
+
+
+def test_reconstruct_refuses_weights_that_are_already_masked(model, calib):
+    from proxsparse.methods.sparsegpt import reconstruct
+
+    targets, _ = find_targets(model, NM(2, 4))
+    masks = {t.name: topn_mask(t.module.weight.detach().abs(), NM(2, 4)) for t in targets}
+    with torch.no_grad():
+        for t in targets:
+            t.module.weight.mul_(masks[t.name])
+    with pytest.raises(ProxSparseError, match="dense weights"):
+        reconstruct(model, targets, calib, masks, NM(2, 4), progress=False)

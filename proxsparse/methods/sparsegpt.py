@@ -126,7 +126,11 @@ def reconstruct(
         if cache["input"] is not inputs:
             cache["input"], cache["hessian"] = inputs, hessian(inputs)
         weight = target.module.weight
-        mask = masks[target.name]
+        mask = masks[target.name].to(weight.device)
+        if not weight.masked_fill(mask, 0).any():
+            raise ProxSparseError(
+                f"reconstruct needs the dense weights, but {target.name} is already masked: "
+                "reload the dense model and pass its masks instead")
         new_weight, _ = sparsegpt_prune(weight, cache["hessian"], nm, blocksize, dampening, mask)
         weight.copy_(new_weight * mask.to(weight.device, weight.dtype))
 
