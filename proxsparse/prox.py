@@ -35,6 +35,7 @@ from torch import Tensor
 # rounding of a float64 reference in stress tests (one step fewer on either face does not)
 _NEWTON_STEPS_3, _NEWTON_STEPS_4 = 5, 4
 _CPU_CHUNK = 65536  # groups per chunk on the CPU (fastest in measurements: cache vs call overhead)
+_COMPILED_CHUNK = 16384  # the compiled kernel's one shape: small, so padding wastes little
 _NEWTON_ITERS = 8  # general N:M: damped Newton iterations per face and start ...
 _STEP_LENGTHS = (1.0, 0.5, 0.125)  # ... each trying these step lengths
 _RAY_STEPS = 8
@@ -93,7 +94,8 @@ def prox_nm(
     fused = compiled and (n, m) == (2, 4) and ctype == torch.float32
     if fused:
         lam_t = torch.as_tensor(lam_t, dtype=ctype, device=z.device)  # no recompile per value
-    chunk = _CPU_CHUNK if z.device.type == "cpu" or fused else max(z.shape[0], 1)
+    chunk = _COMPILED_CHUNK if fused else _CPU_CHUNK if z.device.type == "cpu" else \
+        max(z.shape[0], 1)
     for start in range(0, z.shape[0], chunk):
         zc, oc = z[start:start + chunk].to(ctype), out[start:start + chunk]
         if fused:
