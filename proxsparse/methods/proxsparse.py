@@ -34,7 +34,7 @@ class ProxSparseConfig(LearningConfig):
     ``"absolute"`` it means what the paper's λ1 means (Llama-2-7B: 0.25).
     """
 
-    lambda1: float = 0.02  # strength of the N:M regulariser, applied by the prox every step
+    lambda1: float = 0.05  # strength of the N:M regulariser, applied by the prox every step
     lambda1_scaling: str = "layer"  # or "absolute" (as published)
     lambda1_ramp: float = 0.5  # share of steps over which λ1 rises linearly from 0
     lambda2: float = 0.1  # pull towards W0 or 0; 0 switches it off
