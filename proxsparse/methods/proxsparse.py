@@ -39,7 +39,7 @@ class ProxSparseConfig(LearningConfig):
     lambda1_ramp: float = 0.5  # share of steps over which λ1 rises linearly from 0
     lambda2: float = 0.1  # pull towards W0 or 0; 0 switches it off
     epsilon: float = 0.1
-    lr: float = 2e-4
+    lr: float = 5e-4
     steps: int = 0  # 0: one pass over the calibration windows
     batch_size: int = 1
     warmup: float = 0.1  # share of steps with a linear warm-up, then linear decay to 0
