@@ -338,6 +338,17 @@ def test_errors(kwargs, match: str) -> None:
             nm_penalty(w, **kwargs)
 
 
+def _can_compile() -> bool:
+    """torch.compile on the CPU builds C++: it needs a compiler and the Python headers."""
+    import shutil
+    import sysconfig
+
+    compiler = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    return bool(compiler) and (Path(sysconfig.get_paths()["include"]) / "Python.h").exists()
+
+
+@pytest.mark.skipif(not _can_compile(), reason="no C++ compiler or Python headers for "
+                    "torch.compile (the learning loop then falls back to the eager prox)")
 def test_compiled_2_4_is_exact_too() -> None:
     """The torch.compile'd 2:4 path (one fused kernel) is held to the same float64 reference,
     across scales and regimes, in one compilation (lam is passed as a tensor)."""

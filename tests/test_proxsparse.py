@@ -152,3 +152,20 @@ def test_reconstruct_changes_only_kept_weights_and_keeps_the_mask(tokenizer, cal
         assert is_valid_nm(weight, NM(2, 4))
         changed += int(not torch.equal(weight, pretrained[name + ".weight"] * mask))
     assert changed > 0
+
+
+def test_failed_compilation_falls_back_to_the_eager_prox(monkeypatch):
+    eager = method.prox_nm
+
+    def no_compiler(weight, lam, n, m, compiled=False):
+        if compiled:
+            raise RuntimeError("InductorError: no C++ compiler found\nmore detail")
+        return eager(weight, lam, n, m)
+
+    monkeypatch.setattr(method, "prox_nm", no_compiler)
+    pruner = method.ProxSparse(ProxSparseConfig())
+    pruner._compiled = True
+    weight = torch.randn(8, 16)
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        out = pruner._prox(weight, 0.5)
+    assert torch.equal(out, eager(weight, 0.5, 2, 4)) and pruner._compiled is False
