@@ -107,6 +107,11 @@ def label_of(method: str, nm: str, suffix: str) -> str:
     return name + (f"-{suffix}" if suffix else "")
 
 
+def suffix_of(label: str, method: str, nm: str) -> str:
+    """The inverse of ``label_of``: the suffix a row's label carries."""
+    return label.removeprefix(label_of(method, nm, "")).lstrip("-")
+
+
 def render() -> None:
     rows = [json.loads(p.read_text()) | {"label": p.stem} for p in sorted(ROWS.glob("*.json"))]
     rows.sort(key=lambda r: (r["nm"] != "-", r["nm"], ORDER.index(r["method"])
@@ -164,7 +169,7 @@ def reproduce(row: dict) -> str:
     parts = ["python bench/quality.py", "--methods", method]
     if method != "dense" and row["nm"] != "2:4":
         parts += ["--nm", row["nm"]]
-    suffix = row["label"].removeprefix(label_of(method, row["nm"], "")).lstrip("-")
+    suffix = suffix_of(row["label"], method, row["nm"])
     if row["settings"].get("reconstruct") and suffix.endswith("reconstructed"):
         source = row["label"].removesuffix("-reconstructed")
         return f"{' '.join(parts[:1])} --reconstruct-from {source}"
@@ -219,8 +224,8 @@ def main() -> None:
     if args.reconstruct_from:
         source = json.loads((ROWS / f"{args.reconstruct_from}.json").read_text())
         args.methods, args.nm = source["method"], source["nm"]
-        args.label_suffix = "-".join(filter(None, [args.reconstruct_from.split(
-            label_of(source["method"], source["nm"], ""), 1)[-1].lstrip("-"), "reconstructed"]))
+        source_suffix = suffix_of(args.reconstruct_from, source["method"], source["nm"])
+        args.label_suffix = "-".join(filter(None, [source_suffix, "reconstructed"]))
     if args.row:
         row = run_row(args, args.row)
         ROWS.mkdir(parents=True, exist_ok=True)

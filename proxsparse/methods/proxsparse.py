@@ -76,19 +76,26 @@ def lr_factor(step: int, total: int, warmup: float) -> float:
     return max(0.0, (total - step) / max(1, total - warm))
 
 
-def layer_lambdas(weights: list[torch.Tensor], cfg: ProxSparseConfig) -> list[float]:
+def layer_lambdas(
+    weights: list[torch.Tensor], cfg: ProxSparseConfig,
+    column_scales: list[torch.Tensor | None] | None = None,
+) -> list[float]:
     """λ1 for each layer.
 
     R is a product of N+1 magnitudes, so scaling a layer by s scales the prox's effective
     threshold by s^(N-1): with ``lambda1_scaling="layer"`` λ1 is divided by the layer's RMS
-    weight to that power, making one λ1 act alike on every layer and every model.
+    weight to that power, making one λ1 act alike on every layer and every model. With
+    ``column_scales`` the RMS is that of the weights the prox sees, W·diag(scale).
     """
     if cfg.lambda1_scaling == "absolute":
         return [cfg.lambda1] * len(weights)
     if cfg.lambda1_scaling != "layer":
         raise ProxSparseError(f"lambda1_scaling must be 'absolute' or 'layer', "
                               f"not {cfg.lambda1_scaling!r}")
-    scales = torch.stack([w.detach().float().square().mean().sqrt() for w in weights]).tolist()
+    column_scales = column_scales or [None] * len(weights)
+    scales = torch.stack([
+        (w.detach().float() if c is None else w.detach().float() * c).square().mean().sqrt()
+        for w, c in zip(weights, column_scales, strict=True)]).tolist()
     return [cfg.lambda1 / max(s, 1e-12) ** (cfg.nm.n - 1) for s in scales]
 
 
@@ -120,7 +127,7 @@ class ProxSparse(Pruner):
         trainable = self._trainable(model, weights)
         w0_device = cfg.w0_device or None
         pretrained = {id(p): p.detach().to(w0_device, copy=True) for p in trainable}
-        lambdas = layer_lambdas([w * s for w, s in zip(weights, scales, strict=True)], cfg)
+        lambdas = layer_lambdas(weights, cfg, scales)
         self._compiled = cfg.compile_prox and sum(w.numel() for w in weights) >= 5_000_000
 
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
@@ -150,7 +157,7 @@ class ProxSparse(Pruner):
                     with torch.no_grad():
                         factor = ramp(step, steps, cfg.lambda1_ramp)
                         for weight, lam, s in zip(weights, lambdas, scales, strict=True):
-                            weight.copy_(self._prox(weight * s, lam * factor).div_(s))
+                            weight.copy_(self._prox(weight, lam * factor, s))
                     run.record(step, loss=loss, lambda2_term=reg,
                                nm_share=nm_share(weights, cfg.nm))
                     done = step + 1
@@ -176,7 +183,8 @@ class ProxSparse(Pruner):
         masks = {}
         with torch.no_grad():
             for target, s in zip(targets, scales, strict=True):
-                masks[target.name] = topn_mask(target.module.weight.abs() * s, cfg.nm)
+                score = target.module.weight.abs()
+                masks[target.name] = topn_mask(score if s is None else score * s, cfg.nm)
             for param in trainable:  # back to the pretrained values; the caller applies masks
                 param.copy_(pretrained[id(param)])
         if cfg.reconstruct:
@@ -185,11 +193,11 @@ class ProxSparse(Pruner):
 
     # --- pieces of the loop ---
 
-    def _input_scales(self, model, targets, calib, progress) -> list[torch.Tensor]:
+    def _input_scales(self, model, targets, calib, progress) -> list[torch.Tensor | None]:
         """Per-layer column scales the regulariser sees the weights through: ‖X_j‖ normalised
-        to RMS 1 with ``input_scaled`` (so the first mask is Wanda's), else 1."""
+        to RMS 1 with ``input_scaled`` (so the first mask is Wanda's), else None (none)."""
         if not self.config.input_scaled:
-            return [torch.ones((), device=t.module.weight.device) for t in targets]
+            return [None] * len(targets)
         was_training = model.training
         model.eval()
         try:
@@ -204,7 +212,14 @@ class ProxSparse(Pruner):
             scales.append(norm.clamp_min(1e-3))  # silent features: pruned first, no 1/0
         return scales
 
-    def _prox(self, weight: torch.Tensor, lam: float) -> torch.Tensor:
+    def _prox(self, weight: torch.Tensor, lam: float, scale: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """The prox of W·diag(scale) mapped back to W's coordinates (plain prox without)."""
+        if scale is None:
+            return self._prox_nm(weight, lam)
+        return self._prox_nm(weight * scale, lam).div_(scale)
+
+    def _prox_nm(self, weight: torch.Tensor, lam: float) -> torch.Tensor:
         nm = self.config.nm
         if self._compiled:
             try:

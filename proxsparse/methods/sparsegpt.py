@@ -113,47 +113,49 @@ def _obs_sweep(w: torch.Tensor, hinv: torch.Tensor, keep: torch.Tensor, nm: NM,
         w[:, end:] -= errors @ hinv[start:end, end:]
 
 
+def obs_blockwise(
+    model: torch.nn.Module, targets: list, calib: torch.Tensor, nm: NM, blocksize: int = 128,
+    dampening: float = 0.01, fixed: dict[str, torch.Tensor] | None = None,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """SparseGPT over the model, block by block on the already-pruned model's activations:
+    every target is pruned and its kept weights re-fitted in place. With ``fixed`` (a mask per
+    target), those masks are kept as given and only the kept weights change. Returns the masks.
+    """
+    masks: dict[str, torch.Tensor] = {}
+    cache: dict = {"input": None, "hessian": None}
+
+    def prune_layer(target, inputs):
+        if cache["input"] is not inputs:  # q/k/v and gate/up share their input
+            cache["input"], cache["hessian"] = inputs, hessian(inputs)
+        weight = target.module.weight
+        given = None if fixed is None else fixed[target.name].to(weight.device)
+        if given is not None and not weight.masked_fill(given, 0).any():
+            raise ProxSparseError(
+                f"reconstruct needs the dense weights, but {target.name} is already masked: "
+                "reload the dense model and pass its masks instead")
+        new_weight, mask = sparsegpt_prune(weight, cache["hessian"], nm, blocksize, dampening,
+                                           given)
+        weight.copy_(new_weight * mask)
+        masks[target.name] = mask
+
+    prune_blockwise(model, targets, calib, prune_layer, progress)
+    return masks
+
+
 def reconstruct(
     model: torch.nn.Module, targets: list, calib: torch.Tensor, masks: dict[str, torch.Tensor],
     nm: NM, blocksize: int = 128, dampening: float = 0.01, progress: bool = True,
 ) -> None:
-    """Keep every mask as given and re-fit the kept weights by SparseGPT's OBS update, block by
-    block on the already-pruned model's activations. This changes the kept weights."""
-
-    cache: dict = {"input": None, "hessian": None}
-
-    def prune_layer(target, inputs):
-        if cache["input"] is not inputs:
-            cache["input"], cache["hessian"] = inputs, hessian(inputs)
-        weight = target.module.weight
-        mask = masks[target.name].to(weight.device)
-        if not weight.masked_fill(mask, 0).any():
-            raise ProxSparseError(
-                f"reconstruct needs the dense weights, but {target.name} is already masked: "
-                "reload the dense model and pass its masks instead")
-        new_weight, _ = sparsegpt_prune(weight, cache["hessian"], nm, blocksize, dampening, mask)
-        weight.copy_(new_weight * mask.to(weight.device, weight.dtype))
-
-    prune_blockwise(model, targets, calib, prune_layer, progress)
+    """Keep every mask as given and re-fit the kept weights by SparseGPT's OBS update (the
+    weights must still be dense). This changes the kept weights."""
+    obs_blockwise(model, targets, calib, nm, blocksize, dampening, masks, progress)
 
 
 class SparseGPT(Pruner):
     config_class = SparseGPTConfig
 
     def select_masks(self, model, targets, calib, progress=True):
-        masks: dict[str, torch.Tensor] = {}
-        cache: dict = {"input": None, "hessian": None}
-
-        def prune_layer(target, inputs):
-            if cache["input"] is not inputs:  # q/k/v and gate/up share their input
-                cache["input"], cache["hessian"] = inputs, hessian(inputs)
-            weight = target.module.weight
-            new_weight, mask = sparsegpt_prune(
-                weight, cache["hessian"], self.config.nm, self.config.blocksize,
-                self.config.dampening,
-            )
-            weight.copy_(new_weight * mask)
-            masks[target.name] = mask
-
-        prune_blockwise(model, targets, calib, prune_layer, progress)
-        return masks
+        cfg: SparseGPTConfig = self.config
+        return obs_blockwise(model, targets, calib, cfg.nm, cfg.blocksize, cfg.dampening,
+                             progress=progress)
