@@ -27,6 +27,7 @@ CPU groups are processed in chunks so that the many elementwise passes stay in c
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -90,25 +91,39 @@ def prox_nm(
     ctype = torch.promote_types(weight.dtype, torch.float32)
     z = weight.detach().reshape(-1, m)
     lam_t = lam.detach().to(ctype) if isinstance(lam, Tensor) else float(lam)
+    if compiled and (n, m) == (2, 4) and ctype == torch.float32:
+        # a tensor lam, so that a new value does not trigger a new compilation
+        lam_t = torch.as_tensor(lam_t, dtype=ctype, device=z.device)
+        return _compiled_prox24(z.to(ctype), lam_t).reshape(weight.shape).to(weight.dtype)
     out = torch.empty(z.shape, dtype=ctype, device=z.device)
-    fused = compiled and (n, m) == (2, 4) and ctype == torch.float32
-    if fused:
-        lam_t = torch.as_tensor(lam_t, dtype=ctype, device=z.device)  # no recompile per value
-    chunk = _COMPILED_CHUNK if fused else _CPU_CHUNK if z.device.type == "cpu" else \
-        max(z.shape[0], 1)
+    chunk = _CPU_CHUNK if z.device.type == "cpu" else max(z.shape[0], 1)
     for start in range(0, z.shape[0], chunk):
         zc, oc = z[start:start + chunk].to(ctype), out[start:start + chunk]
-        if fused:
-            # one fixed shape, so one compilation serves every layer: pad the last chunk
-            padded = torch.nn.functional.pad(zc, (0, 0, 0, chunk - zc.shape[0]))
-            oc.copy_(_compiled_chunk24()(padded, lam_t)[: zc.shape[0]])
-        elif (n, m) == (2, 4):
-            oc.copy_(_chunk24(zc, lam_t))
+        if (n, m) == (2, 4):
+            oc.copy_(_chunk24(zc.t().contiguous(), lam_t).t())
         else:
             vals, order = zc.abs().sort(dim=1, descending=True)
             oc.scatter_(1, order, _prox_general(vals, lam_t, n))
             torch.copysign(oc, zc, out=oc)
     return out.reshape(weight.shape).to(weight.dtype)
+
+
+def _compiled_prox24(z: Tensor, lam: Tensor) -> Tensor:
+    """2:4 prox of float32 groups ``z`` [G, 4] through the compiled kernel.
+
+    The kernel has one fixed shape ([4, _COMPILED_CHUNK], position-first), so one compilation
+    serves every layer; the last chunk is zero-padded. (``stack``/``unbind`` transpose a chunk
+    several times faster than ``copy_`` of a transposed view.)
+    """
+    kernel = _compiled_chunk24()
+    out = torch.empty_like(z)
+    for start in range(0, z.shape[0], _COMPILED_CHUNK):
+        zc, oc = z[start:start + _COMPILED_CHUNK], out[start:start + _COMPILED_CHUNK]
+        zt = torch.stack(zc.unbind(1))
+        if zc.shape[0] < _COMPILED_CHUNK:
+            zt = torch.nn.functional.pad(zt, (0, _COMPILED_CHUNK - zc.shape[0]))
+        torch.stack(kernel(zt, lam)[:, : zc.shape[0]].unbind(0), 1, out=oc)
+    return out
 
 
 @functools.cache
@@ -117,34 +132,38 @@ def _compiled_chunk24():
 
 
 def _chunk24(z: Tensor, lam: Tensor | float) -> Tensor:
-    """2:4 prox of groups ``z`` ([G, 4]), signs included."""
-    if z.dtype == torch.float32:
-        vals, order = _sort4(z.abs())
-    else:
-        vals, order = (x.t() for x in z.abs().sort(dim=1, descending=True))
-    out = torch.empty_like(z)
-    out.t().scatter_(0, order, _prox24(vals, lam))
-    return torch.copysign(out, z)
+    """2:4 prox of groups laid out position-first, ``z`` [4, G] (row i: entry i of every group),
+    signs included; returns [4, G]. Rows are contiguous, so every pass is a vectorised loop."""
+    a = z.abs().unbind(0)
+    rank = _ranks4(a)
+    # the r-th largest magnitude: the entry of rank r (ranks are a permutation of 0..3)
+    u = _prox24([_pick(rank, a, r) for r in range(4)], lam)
+    # each entry takes the solution of its rank: no sort, no scatter, all elementwise
+    return torch.copysign(torch.stack([_pick(rank, u, r, select=True) for r in rank]), z)
 
 
 # --------------------------------------------------------------------------------------------
-# 2:4. Work in a [4, G] layout: row r holds the r-th largest magnitude of every group.
+# 2:4. Each group's four magnitudes are handled as four [G] tensors, largest first.
 # --------------------------------------------------------------------------------------------
 
 
-def _sort4(a: Tensor) -> tuple[Tensor, Tensor]:
-    """Sort float32 groups of 4 magnitudes in decreasing order: values and source index, [4, G].
+def _ranks4(a: Sequence[Tensor]) -> list[Tensor]:
+    """Rank of each of 4 entries by decreasing magnitude, ties in position order (0 = largest).
 
-    A sorting network on int64 keys (the float bits, which order non-negative floats, followed by
-    2 bits of reversed position so that ties keep their original order); about twice as fast as
-    ``torch.sort`` on such short rows.
+    Comparisons only, so that the compiled kernel stays one vectorised elementwise loop (a sort
+    and the scatter back are several times slower there).
     """
-    tie = torch.arange(3, -1, -1, device=a.device)
-    k = list(((a.view(torch.int32).to(torch.int64) << 2) + tie).unbind(1))
-    for i, j in ((0, 1), (2, 3), (0, 2), (1, 3), (1, 2)):
-        k[i], k[j] = torch.maximum(k[i], k[j]), torch.minimum(k[i], k[j])
-    keys = torch.cat(k).view(4, -1)
-    return (keys >> 2).to(torch.int32).view(torch.float32), 3 - (keys & 3)
+    return [sum(((a[i] >= a[j]) if i < j else (a[i] > a[j])).to(a[j].dtype)
+                for i in range(4) if i != j) for j in range(4)]
+
+
+def _pick(rank: Sequence[Tensor], a: Sequence[Tensor], r, select: bool = False) -> Tensor:
+    """``select=False``: the entry of ``a`` whose rank is ``r`` (an int);
+    ``select=True``: ``a[r]`` for a rank tensor ``r``."""
+    if select:
+        return torch.where(r == 0, a[0], torch.where(r == 1, a[1], torch.where(r == 2, a[2], a[3])))
+    return torch.where(rank[0] == r, a[0], torch.where(rank[1] == r, a[1],
+                       torch.where(rank[2] == r, a[2], a[3])))
 
 
 # The maths of 2:4. For sorted magnitudes a1 >= a2 >= a3 >= a4 the group is scaled by a1
@@ -169,6 +188,15 @@ def _sort4(a: Tensor) -> tuple[Tensor, Tensor]:
 # its relative precision.
 
 
+def _roots(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """sqrt(x), 1 / sqrt(x) and 1 / (sqrt(x) + 1) for x > 0, with one square root and one
+    division (square roots and divisions dominate the kernel; a reciprocal square root costs
+    one of each)."""
+    root = x.sqrt()
+    inv = 1 / (root * (root + 1))
+    return root, (root + 1) * inv, root * inv
+
+
 def _face3(al1: Tensor, al2: Tensor, al3: Tensor) -> list[Tensor]:
     """Candidate on the top-3 face, in lam = 1 units."""
     s4, c14, c24 = 4 * (al1 + al2), 4 * (al1 - al3), 4 * (al2 - al3)
@@ -186,10 +214,9 @@ def _face3(al1: Tensor, al2: Tensor, al3: Tensor) -> list[Tensor]:
         base = torch.addcmul(eta, eta, t)  # (1 + eta)^2 - 1
         psi, rsum = eta, torch.zeros_like(eta)
         for c4 in (s4, c14, c24):
-            x = q + (c4 + tiny)
-            r = x.rsqrt()
-            psi = torch.addcdiv(psi, base + c4, torch.addcmul(one, x, r))  # + sqrt(x) - 1
-            rsum.add_(r)
+            _, inv_root, inv_root1 = _roots(q + (c4 + tiny))
+            psi = torch.addcmul(psi, base + c4, inv_root1)  # + sqrt(x) - 1
+            rsum = rsum + inv_root
         dpsi = torch.addcmul(one, rsum, t).clamp_min_(1e-30)
         eta = torch.clamp(torch.addcdiv(eta, psi, dpsi, value=-1), lo, hi)
     q, base = (eta + 1).square(), torch.addcmul(eta, eta, eta + 1)
@@ -218,20 +245,16 @@ def _face4(al1: Tensor, al2: Tensor, al3: Tensor, al4: Tensor) -> list[Tensor]:
 
     dp1 = [(dm + 1).clamp_min_(tiny) for dm in dm1]
     ad4t = ad4 + tiny
-    one = torch.ones_like(A)
 
     def terms(v: Tensor) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]:
         v2 = v.square()
-        x = v2 + ad4t
-        rg = x.rsqrt()
-        g = x * rg  # sqrt(v^2 + |d4|): p if use_y else y
+        g, rg, inv_g1 = _roots(v2 + ad4t)  # g = sqrt(v^2 + |d4|): p if use_y else y
         p = torch.lerp(v, g, use_y)
-        ym1 = torch.lerp((v2 + d4m1) / (g + 1), v - 1, use_y)
+        ym1 = torch.lerp((v2 + d4m1) * inv_g1, v - 1, use_y)
         qs, rs = [], []
         for dm, dp in zip(dm1, dp1, strict=True):
-            x = v2 + dp
-            r = x.rsqrt()
-            qs.append((v2 + dm) / torch.addcmul(one, x, r))  # sqrt(p^2 + d_i) - 1
+            _, r, inv1 = _roots(v2 + dp)
+            qs.append((v2 + dm) * inv1)  # sqrt(p^2 + d_i) - 1
             rs.append(r)
         return rg, p, ym1, qs, rs
 
@@ -246,42 +269,35 @@ def _face4(al1: Tensor, al2: Tensor, al3: Tensor, al4: Tensor) -> list[Tensor]:
     return [(p + qs[0]) * 0.5, (p + qs[1]) * 0.5, (p + qs[2]) * 0.5, (p + ym1) * 0.5]
 
 
-def _prox24(a: Tensor, lam: Tensor | float) -> Tensor:
-    """2:4 prox of sorted magnitudes ``a`` ([4, G], row 0 the largest); returns [4, G]."""
-    a1 = a[0].clamp_min(torch.finfo(a.dtype).tiny)
-    b2, b3, b4 = a[1:] / a1
+def _prox24(a: Sequence[Tensor], lam: Tensor | float) -> list[Tensor]:
+    """2:4 prox of sorted magnitudes ``a`` (four [G] tensors, the largest first)."""
+    a1 = a[0].clamp_min(torch.finfo(a[0].dtype).tiny)
+    b2, b3, b4 = a[1] / a1, a[2] / a1, a[3] / a1
     ell = lam * a1
     ell_c = ell.clamp(_ELL_MIN, _ELL_MAX)
     al2, al3, al4 = b2 * ell_c, b3 * ell_c, b4 * ell_c
     inv = 1 / ell_c
     # candidates in units of a1; rounding residue below zero is clipped (stays feasible)
-    c3 = [x.mul_(inv).clamp_min_(0) for x in _face3(ell_c, al2, al3)]
-    c4 = [x.mul_(inv).clamp_min_(0) for x in _face4(ell_c, al2, al3, al4)]
-    obj2 = torch.addcmul(b3 * b3, b4, b4).mul_(0.5)
-    obj3 = (c3[0] - 1).square_().add_((c3[1] - b2).square_()).add_((c3[2] - b3).square_())
-    obj3.addcmul_(b4, b4).mul_(0.5).addcmul_(ell, c3[0] * c3[1] * c3[2])
-    obj4 = (c4[0] - 1).square_().add_((c4[1] - b2).square_()).add_((c4[2] - b3).square_())
-    obj4.add_((c4[3] - b4).square_()).mul_(0.5)
-    e3 = torch.addcmul((c4[0] + c4[1]) * (c4[2] * c4[3]), c4[0] * c4[1], c4[2] + c4[3])
-    obj4.addcmul_(ell, e3)
-    # one-hot choice as 0/1 factors (exact: the others are multiplied by 0 and added);
+    c3 = [(x * inv).clamp_min(0) for x in _face3(ell_c, al2, al3)]
+    c4 = [(x * inv).clamp_min(0) for x in _face4(ell_c, al2, al3, al4)]
+    obj2 = (b3 * b3 + b4 * b4) * 0.5
+    obj3 = ((c3[0] - 1).square() + (c3[1] - b2).square() + (c3[2] - b3).square() + b4 * b4) * 0.5
+    obj3 = obj3 + ell * (c3[0] * c3[1] * c3[2])
+    obj4 = ((c4[0] - 1).square() + (c4[1] - b2).square() + (c4[2] - b3).square()
+            + (c4[3] - b4).square()) * 0.5
+    obj4 = obj4 + ell * ((c4[0] + c4[1]) * (c4[2] * c4[3]) + c4[0] * c4[1] * (c4[2] + c4[3]))
     # lam == 0 is the identity, returned exactly rather than through the solver's rounding
-    ident = (ell == 0).to(a.dtype)
-    m4 = ((obj4 < obj2) & (obj4 < obj3)).to(a.dtype).mul_(1 - ident)
-    m3 = (obj3 < obj2).to(a.dtype).mul_(1 - m4).mul_(1 - ident)
-    m2 = 1 - m4 - m3 - ident
-    m3.mul_(a1)
-    m4.mul_(a1)
-    out = torch.empty_like(a)
+    ident = ell == 0
+    use4 = (obj4 < obj2) & (obj4 < obj3)
+    use3 = obj3 < obj2
+    zero = torch.zeros_like(a1)
+    out: list[Tensor] = []
     for i in range(4):
-        torch.mul(c4[i], m4, out=out[i])
-        if i < 3:
-            out[i].addcmul_(c3[i], m3)
-        if i < 2:
-            out[i].addcmul_(a[i], m2)
-        out[i].addcmul_(a[i], ident)
+        top2 = a[i] if i < 2 else zero
+        x = torch.where(use4, c4[i] * a1, torch.where(use3, c3[i] * a1 if i < 3 else zero, top2))
+        x = torch.where(ident, a[i], x)
         # the exact solution has u_i <= a_i and keeps the order; enforce both against rounding
-        torch.minimum(out[i], a[i] if i == 0 else torch.minimum(a[i], out[i - 1]), out=out[i])
+        out.append(torch.minimum(x, a[i] if i == 0 else torch.minimum(a[i], out[-1])))
     return out
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sysconfig
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network; hub lookups fail at once
 
@@ -71,3 +74,9 @@ def calib(tokenizer) -> torch.Tensor:
     from proxsparse.data import calibration_windows
 
     return calibration_windows(tokenizer, "builtin", num_windows=8, seqlen=32, seed=0)
+
+
+def can_compile() -> bool:
+    """torch.compile on the CPU builds C++: it needs a compiler and the Python headers."""
+    compiler = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    return bool(compiler) and (Path(sysconfig.get_paths()["include"]) / "Python.h").exists()

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxsparse.prox import nm_penalty, nm_penalty_groups, prox_nm
+from tests.conftest import can_compile
 
 _spec = importlib.util.spec_from_file_location(
     "paper_prox", Path(__file__).resolve().parents[1] / "bench" / "paper_prox.py")
@@ -338,16 +339,7 @@ def test_errors(kwargs, match: str) -> None:
             nm_penalty(w, **kwargs)
 
 
-def _can_compile() -> bool:
-    """torch.compile on the CPU builds C++: it needs a compiler and the Python headers."""
-    import shutil
-    import sysconfig
-
-    compiler = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-    return bool(compiler) and (Path(sysconfig.get_paths()["include"]) / "Python.h").exists()
-
-
-@pytest.mark.skipif(not _can_compile(), reason="no C++ compiler or Python headers for "
+@pytest.mark.skipif(not can_compile(), reason="no C++ compiler or Python headers for "
                     "torch.compile (the learning loop then falls back to the eager prox)")
 def test_compiled_2_4_is_exact_too() -> None:
     """The torch.compile'd 2:4 path (one fused kernel) is held to the same float64 reference,

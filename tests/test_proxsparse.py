@@ -9,7 +9,7 @@ from proxsparse import NM, ProxSparseConfig, prune
 from proxsparse.methods import proxsparse as method
 from proxsparse.nm import is_valid_nm, mask_is_exact
 from proxsparse.runlog import LOG_FILE, PLOT_FILE
-from tests.conftest import make_model
+from tests.conftest import can_compile, make_model
 
 
 def test_lambda2_gradient_matches_autograd():
@@ -154,6 +154,12 @@ def test_reconstruct_changes_only_kept_weights_and_keeps_the_mask(tokenizer, cal
     assert changed > 0
 
 
+def regularisers(weights, compiled, lambda2=0.0):
+    pretrained = [w.detach().clone() for w in weights]
+    return method.StepRegularisers(ProxSparseConfig(lambda2=lambda2), weights, pretrained,
+                                   [0.5] * len(weights), [None] * len(weights), compiled)
+
+
 def test_failed_compilation_falls_back_to_the_eager_prox(monkeypatch):
     eager = method.prox_nm
 
@@ -163,9 +169,29 @@ def test_failed_compilation_falls_back_to_the_eager_prox(monkeypatch):
         return eager(weight, lam, n, m)
 
     monkeypatch.setattr(method, "prox_nm", no_compiler)
-    pruner = method.ProxSparse(ProxSparseConfig())
-    pruner._compiled = True
     weight = torch.randn(8, 16)
+    regs = regularisers([weight.clone()], compiled=True)
     with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
-        out = pruner._prox(weight, 0.5)
-    assert torch.equal(out, eager(weight, 0.5, 2, 4)) and pruner._compiled is False
+        regs.prox_()
+    assert torch.equal(regs.weights[0], eager(weight, 0.5, 2, 4)) and regs.compiled is False
+
+
+@pytest.mark.skipif(not can_compile(), reason="no C++ compiler for torch.compile")
+def test_compiled_lambda2_term_matches_eager():
+    torch.manual_seed(0)
+    grads = []
+    for compiled in (False, True):
+        weights = [torch.randn(shape) for shape in ((8, 16), (24, 16))]
+        for w in weights:
+            w.grad = torch.ones_like(w)
+        regs = regularisers(weights, compiled, lambda2=0.1)
+        with torch.no_grad():
+            for w in weights:
+                w.mul_(0.9)  # away from W0, so the term is not zero
+        grads.append((regs.add_lambda2_grad(), [w.grad for w in weights]))
+        torch.manual_seed(0)
+    (value, eager), (value_c, compiled_grads) = grads
+    assert regs.compiled and float(value) > 0
+    torch.testing.assert_close(value_c, value)
+    for a, b in zip(eager, compiled_grads, strict=True):
+        torch.testing.assert_close(a, b)

@@ -9,6 +9,7 @@ pretrained weights are kept under it: no weight is updated after the mask is cho
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ class ProxSparseConfig(LearningConfig):
     input_scaled: bool = True  # regularise |W_ij|·‖X_j‖ (Wanda's score) instead of |W_ij|
     norm_windows: int = 32  # calibration windows that measure ‖X_j‖ for input_scaled
     reconstruct: bool = False  # after the mask: re-fit kept weights by SparseGPT's update
-    compile_prox: bool = True  # fuse the 2:4 prox with torch.compile (models >= 5M weights)
+    compile_prox: bool = True  # torch.compile the 2:4 prox and λ2 term (models >= 5M weights)
     method = "proxsparse"
 
 
@@ -66,6 +67,21 @@ def lambda2_term(
     residual = weight * (weight - w0) / scale
     grad = 2 * residual * (2 * weight - w0) / scale
     return residual.square().sum(), grad
+
+
+def add_lambda2_grad(
+    weight: torch.Tensor, w0: torch.Tensor, grad: torch.Tensor, epsilon: float, lambda2: float
+) -> torch.Tensor:
+    """Adds λ2·∇ of the λ2 term to ``grad`` in place and returns λ2 times its value."""
+    value, term_grad = lambda2_term(weight, w0, epsilon)
+    grad.add_(term_grad, alpha=lambda2)
+    return value * lambda2
+
+
+@functools.cache
+def _compiled_add_lambda2_grad():
+    # dynamic: one compilation for all layer shapes (an elementwise pass compiles quickly)
+    return torch.compile(add_lambda2_grad, dynamic=True)
 
 
 def lr_factor(step: int, total: int, warmup: float) -> float:
@@ -112,6 +128,65 @@ def nm_share(weights: list[torch.Tensor], nm: NM) -> torch.Tensor:
     return done / total
 
 
+class StepRegularisers:
+    """What each learning step adds besides the loss gradient: the λ2 term's gradient, before
+    the optimiser step, and the prox of λ1·R on the weights, after it.
+
+    ``weights``, ``pretrained`` (W0), ``lambdas`` (λ1 per layer) and ``scales`` (the column
+    scales the regulariser sees the weights through, or None) are aligned lists. With
+    ``compiled`` both go through torch.compile (the prox's fused 2:4 kernel; one fused pass for
+    λ2); if compilation fails, a warning is given and the eager code, same result, takes over.
+    """
+
+    def __init__(self, cfg: ProxSparseConfig, weights: list[torch.Tensor],
+                 pretrained: list[torch.Tensor], lambdas: list[float],
+                 scales: list[torch.Tensor | None], compiled: bool = False) -> None:
+        self.cfg, self.weights, self.pretrained = cfg, weights, pretrained
+        self.lambdas, self.scales, self.compiled = lambdas, scales, compiled
+
+    @torch.no_grad()
+    def add_lambda2_grad(self) -> torch.Tensor:
+        """Adds λ2·∇(λ2 term) to every weight's .grad; returns the term's value (times λ2)."""
+        cfg = self.cfg
+        total = torch.zeros((), device=self.weights[0].device)
+        if cfg.lambda2 == 0:
+            return total
+        for weight, w0 in zip(self.weights, self.pretrained, strict=True):
+            args = (weight, w0, weight.grad, cfg.epsilon, cfg.lambda2)
+            total += self._fallback(lambda a=args: _compiled_add_lambda2_grad()(*a),
+                                    lambda a=args: add_lambda2_grad(*a))
+        return total
+
+    @torch.no_grad()
+    def prox_(self, factor: float = 1.0) -> None:
+        """Replaces every weight by the prox of (factor·λ1)·R at it."""
+        for weight, lam, scale in zip(self.weights, self.lambdas, self.scales, strict=True):
+            weight.copy_(self.prox(weight, lam * factor, scale))
+
+    def prox(self, weight: torch.Tensor, lam: float, scale: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """The prox of W·diag(scale) mapped back to W's coordinates (plain prox without)."""
+        if scale is None:
+            return self._prox_nm(weight, lam)
+        return self._prox_nm(weight * scale, lam).div_(scale)
+
+    def _prox_nm(self, weight: torch.Tensor, lam: float) -> torch.Tensor:
+        n, m = self.cfg.nm.n, self.cfg.nm.m
+        return self._fallback(lambda: prox_nm(weight, lam, n, m, compiled=True),
+                              lambda: prox_nm(weight, lam, n, m))
+
+    def _fallback(self, compiled_call, eager_call):
+        if self.compiled:
+            try:
+                return compiled_call()
+            except Exception as err:  # no C++ compiler, unsupported platform, ...
+                warnings.warn(f"torch.compile failed ({str(err).splitlines()[0]}); using eager "
+                              "code for the prox and the λ2 term (slower, same result)",
+                              stacklevel=3)
+                self.compiled = False
+        return eager_call()
+
+
 class ProxSparse(Pruner):
     config_class = ProxSparseConfig
 
@@ -127,8 +202,10 @@ class ProxSparse(Pruner):
         trainable = self._trainable(model, weights)
         w0_device = cfg.w0_device or None
         pretrained = {id(p): p.detach().to(w0_device, copy=True) for p in trainable}
-        lambdas = layer_lambdas(weights, cfg, scales)
-        self._compiled = cfg.compile_prox and sum(w.numel() for w in weights) >= 5_000_000
+        regularisers = StepRegularisers(
+            cfg, weights, [pretrained[id(w)] for w in weights],
+            layer_lambdas(weights, cfg, scales), scales,
+            compiled=cfg.compile_prox and sum(w.numel() for w in weights) >= 5_000_000)
 
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -149,15 +226,12 @@ class ProxSparse(Pruner):
                     batch = self._batch(calib, step, cfg).to(device)
                     loss = model(batch, labels=batch, use_cache=False).loss
                     loss.backward()
-                    reg = self._add_lambda2_grad(weights, pretrained)
+                    reg = regularisers.add_lambda2_grad()
                     torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
                     optimizer.step()
                     schedule.step()
                     optimizer.zero_grad(set_to_none=True)
-                    with torch.no_grad():
-                        factor = ramp(step, steps, cfg.lambda1_ramp)
-                        for weight, lam, s in zip(weights, lambdas, scales, strict=True):
-                            weight.copy_(self._prox(weight, lam * factor, s))
+                    regularisers.prox_(ramp(step, steps, cfg.lambda1_ramp))
                     run.record(step, loss=loss, lambda2_term=reg,
                                nm_share=nm_share(weights, cfg.nm))
                     done = step + 1
@@ -212,24 +286,6 @@ class ProxSparse(Pruner):
             scales.append(norm.clamp_min(1e-3))  # silent features: pruned first, no 1/0
         return scales
 
-    def _prox(self, weight: torch.Tensor, lam: float, scale: torch.Tensor | None = None
-              ) -> torch.Tensor:
-        """The prox of W·diag(scale) mapped back to W's coordinates (plain prox without)."""
-        if scale is None:
-            return self._prox_nm(weight, lam)
-        return self._prox_nm(weight * scale, lam).div_(scale)
-
-    def _prox_nm(self, weight: torch.Tensor, lam: float) -> torch.Tensor:
-        nm = self.config.nm
-        if self._compiled:
-            try:
-                return prox_nm(weight, lam, nm.n, nm.m, compiled=True)
-            except Exception as err:  # no C++ compiler, unsupported platform, ...
-                warnings.warn(f"torch.compile of the prox failed ({str(err).splitlines()[0]}); "
-                              "using the eager prox (slower, same result)", stacklevel=2)
-                self._compiled = False
-        return prox_nm(weight, lam, nm.n, nm.m)
-
     def _trainable(self, model: nn.Module, weights: list[torch.Tensor]) -> list[nn.Parameter]:
         if self.config.train_all:
             params = list(model.parameters())
@@ -249,18 +305,6 @@ class ProxSparse(Pruner):
         order = torch.randperm(calib.shape[0],
                                generator=torch.Generator().manual_seed(cfg.seed + epoch))
         return calib[order[index * cfg.batch_size : (index + 1) * cfg.batch_size]]
-
-    @torch.no_grad()
-    def _add_lambda2_grad(self, weights, pretrained) -> torch.Tensor:
-        cfg: ProxSparseConfig = self.config
-        total = torch.zeros((), device=weights[0].device)
-        if cfg.lambda2 == 0:
-            return total
-        for weight in weights:
-            value, grad = lambda2_term(weight, pretrained[id(weight)], cfg.epsilon)
-            weight.grad.add_(grad, alpha=cfg.lambda2)
-            total += value
-        return cfg.lambda2 * total
 
     def _checkpoint(self, run, step, trainable, optimizer, schedule) -> None:
         run.save_checkpoint({
