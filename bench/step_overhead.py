@@ -1,7 +1,11 @@
 """Time split of one ProxSparse learning step on SmolLM2-135M (DESIGN.md §7 target:
 prox + λ2 term ≤ 5% of forward+backward).
 
-    python bench/step_overhead.py [--steps 3] [--seqlen 512] [--compiled]
+    python bench/step_overhead.py [--steps 3] [--seqlen 512] [--batch 1] [--compiled]
+
+The λ2 term and the prox are timed through ``StepRegularisers``, the object the learning loop
+uses, with the default input-scaled regulariser (column scales of RMS 1; the values do not
+change the cost).
 
 Writes bench/results/step_overhead.md.
 """
@@ -17,8 +21,7 @@ from pathlib import Path
 import torch
 
 import proxsparse as ps
-from proxsparse.methods.proxsparse import lambda2_term
-from proxsparse.prox import prox_nm
+from proxsparse.methods.proxsparse import ProxSparseConfig, StepRegularisers
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 
@@ -27,9 +30,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=1, help="windows per step")
     parser.add_argument("--lambda1", type=float, default=0.25)
     parser.add_argument("--compiled", action="store_true",
-                        help="the torch.compile'd 2:4 prox (compiled in the warm-up step)")
+                        help="torch.compile the prox and the λ2 term (in the warm-up step)")
     args = parser.parse_args()
 
     model, tokenizer = ps.load_model("smollm2-135m")
@@ -38,27 +42,28 @@ def main() -> None:
     for p in model.parameters():
         p.requires_grad_(any(p is w for w in weights))
     pretrained = [w.detach().clone() for w in weights]
+    scales = [torch.rand(w.shape[1]).add_(0.5) for w in weights]
+    scales = [c / c.square().mean().sqrt() for c in scales]
+    regularisers = StepRegularisers(ProxSparseConfig(), weights, pretrained,
+                                    [args.lambda1] * len(weights), scales, args.compiled)
     optimizer = torch.optim.AdamW(weights, lr=1e-4, weight_decay=0.0)
-    calib = ps.calibration_windows(tokenizer, "builtin", args.steps + 1, args.seqlen)
+    calib = ps.calibration_windows(tokenizer, "builtin", (args.steps + 1) * args.batch,
+                                   args.seqlen)
     model.train()
 
     parts = {"forward+backward": [], "lambda2 term": [], "clip+AdamW": [], "prox": []}
     for step in range(args.steps + 1):  # step 0 warms up and is not counted
-        batch = calib[step : step + 1]
+        batch = calib[step * args.batch : (step + 1) * args.batch]
         t0 = time.perf_counter()
         model(batch, labels=batch, use_cache=False).loss.backward()
         t1 = time.perf_counter()
-        with torch.no_grad():
-            for w, w0 in zip(weights, pretrained, strict=True):
-                w.grad.add_(lambda2_term(w, w0, 0.1)[1], alpha=0.1)
+        regularisers.add_lambda2_grad()
         t2 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(weights, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
-        with torch.no_grad():
-            for w in weights:
-                w.copy_(prox_nm(w, args.lambda1, compiled=args.compiled))
+        regularisers.prox_()
         t4 = time.perf_counter()
         if step:
             for key, value in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
@@ -71,7 +76,7 @@ def main() -> None:
     lines = [
         "# ProxSparse step overhead: SmolLM2-135M, CPU",
         "",
-        f"One learning step on {args.seqlen} tokens (batch 1), fp32, "
+        f"One learning step on {args.batch} x {args.seqlen} tokens, fp32, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}; {len(weights)} target "
         f"layers, {numel / 1e6:.1f} M target weights; mean of {args.steps} steps after one "
         f"warm-up step. Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}.",
@@ -86,13 +91,14 @@ def main() -> None:
         "forward+backward** (target ≤ 5%).",
         "",
         f"Command: `python bench/step_overhead.py --steps {args.steps} --seqlen {args.seqlen} "
-        f"--lambda1 {args.lambda1}{' --compiled' if args.compiled else ''}`",
+        f"--batch {args.batch} --lambda1 {args.lambda1}{' --compiled' if args.compiled else ''}`",
         "",
-        f"Prox: {'torch.compile' if args.compiled else 'eager'}. Load average while measured: "
-        f"{os.getloadavg()[1]:.2f} (2 cores; above 2 means other jobs shared them).",
+        f"Prox and λ2 term: {'torch.compile' if args.compiled else 'eager'}. Load average while "
+        f"measured: {os.getloadavg()[1]:.2f} (2 cores; above 2 means other jobs shared them).",
     ]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "step_overhead_compiled.md" if args.compiled else "step_overhead.md"
+    name = "step_overhead" + ("_compiled" if args.compiled else "") \
+        + (f"_batch{args.batch}" if args.batch != 1 else "") + ".md"
     (RESULTS / name).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

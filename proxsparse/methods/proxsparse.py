@@ -159,16 +159,13 @@ class StepRegularisers:
 
     @torch.no_grad()
     def prox_(self, factor: float = 1.0) -> None:
-        """Replaces every weight by the prox of (factor·λ1)·R at it."""
+        """Replaces every weight W by the prox of (factor·λ1)·R, taken at W·diag(scale) and
+        mapped back to W's coordinates where the layer has column scales."""
         for weight, lam, scale in zip(self.weights, self.lambdas, self.scales, strict=True):
-            weight.copy_(self.prox(weight, lam * factor, scale))
-
-    def prox(self, weight: torch.Tensor, lam: float, scale: torch.Tensor | None = None
-             ) -> torch.Tensor:
-        """The prox of W·diag(scale) mapped back to W's coordinates (plain prox without)."""
-        if scale is None:
-            return self._prox_nm(weight, lam)
-        return self._prox_nm(weight * scale, lam).div_(scale)
+            if scale is None:
+                weight.copy_(self._prox_nm(weight, lam * factor))
+            else:
+                torch.div(self._prox_nm(weight * scale, lam * factor), scale, out=weight)
 
     def _prox_nm(self, weight: torch.Tensor, lam: float) -> torch.Tensor:
         n, m = self.cfg.nm.n, self.cfg.nm.m
