@@ -137,9 +137,9 @@ def _chunk24(z: Tensor, lam: Tensor | float) -> Tensor:
     a = z.abs().unbind(0)
     rank = _ranks4(a)
     # the r-th largest magnitude: the entry of rank r (ranks are a permutation of 0..3)
-    u = _prox24([_pick(rank, a, r) for r in range(4)], lam)
+    u = _prox24([_of_rank(rank, a, r) for r in range(4)], lam)
     # each entry takes the solution of its rank: no sort, no scatter, all elementwise
-    return torch.copysign(torch.stack([_pick(rank, u, r, select=True) for r in rank]), z)
+    return torch.copysign(torch.stack([_select(u, r) for r in rank]), z)
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,13 +157,16 @@ def _ranks4(a: Sequence[Tensor]) -> list[Tensor]:
                 for i in range(4) if i != j) for j in range(4)]
 
 
-def _pick(rank: Sequence[Tensor], a: Sequence[Tensor], r, select: bool = False) -> Tensor:
-    """``select=False``: the entry of ``a`` whose rank is ``r`` (an int);
-    ``select=True``: ``a[r]`` for a rank tensor ``r``."""
-    if select:
-        return torch.where(r == 0, a[0], torch.where(r == 1, a[1], torch.where(r == 2, a[2], a[3])))
+def _of_rank(rank: Sequence[Tensor], a: Sequence[Tensor], r: int) -> Tensor:
+    """Per group, the entry of ``a`` whose rank is ``r``."""
     return torch.where(rank[0] == r, a[0], torch.where(rank[1] == r, a[1],
                        torch.where(rank[2] == r, a[2], a[3])))
+
+
+def _select(values: Sequence[Tensor], index: Tensor) -> Tensor:
+    """Per group, ``values[index]`` (``index`` holds 0..3)."""
+    return torch.where(index == 0, values[0], torch.where(
+        index == 1, values[1], torch.where(index == 2, values[2], values[3])))
 
 
 # The maths of 2:4. For sorted magnitudes a1 >= a2 >= a3 >= a4 the group is scaled by a1
