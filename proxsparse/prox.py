@@ -112,7 +112,7 @@ def _compiled_prox24(z: Tensor, lam: Tensor) -> Tensor:
     """2:4 prox of float32 groups ``z`` [G, 4] through the compiled kernel.
 
     The kernel has one fixed shape ([4, _COMPILED_CHUNK], position-first), so one compilation
-    serves every layer; the last chunk is zero-padded. (``stack``/``unbind`` transpose a chunk
+    serves every layer; the last chunk is zero-padded. (Column by column, a transposition runs
     several times faster than ``copy_`` of a transposed view.)
     """
     kernel = _compiled_chunk24()
@@ -122,7 +122,9 @@ def _compiled_prox24(z: Tensor, lam: Tensor) -> Tensor:
         zt = torch.stack(zc.unbind(1))
         if zc.shape[0] < _COMPILED_CHUNK:
             zt = torch.nn.functional.pad(zt, (0, _COMPILED_CHUNK - zc.shape[0]))
-        torch.stack(kernel(zt, lam)[:, : zc.shape[0]].unbind(0), 1, out=oc)
+        result = kernel(zt, lam)
+        for i in range(4):
+            oc[:, i].copy_(result[i, : zc.shape[0]])
     return out
 
 
