@@ -152,9 +152,8 @@ class StepRegularisers:
         if cfg.lambda2 == 0:
             return total
         for weight, w0 in zip(self.weights, self.pretrained, strict=True):
-            args = (weight, w0, weight.grad, cfg.epsilon, cfg.lambda2)
-            total += self._fallback(lambda a=args: _compiled_add_lambda2_grad()(*a),
-                                    lambda a=args: add_lambda2_grad(*a))
+            total += self._call(_compiled_add_lambda2_grad(), add_lambda2_grad,
+                                weight, w0, weight.grad, cfg.epsilon, cfg.lambda2)
         return total
 
     @torch.no_grad()
@@ -168,20 +167,21 @@ class StepRegularisers:
                 torch.div(self._prox_nm(weight * scale, lam * factor), scale, out=weight)
 
     def _prox_nm(self, weight: torch.Tensor, lam: float) -> torch.Tensor:
-        n, m = self.cfg.nm.n, self.cfg.nm.m
-        return self._fallback(lambda: prox_nm(weight, lam, n, m, compiled=True),
-                              lambda: prox_nm(weight, lam, n, m))
+        nm = self.cfg.nm
+        return self._call(functools.partial(prox_nm, compiled=True), prox_nm,
+                          weight, lam, nm.n, nm.m)
 
-    def _fallback(self, compiled_call, eager_call):
+    def _call(self, compiled_fn, eager_fn, *args):
+        """``compiled_fn(*args)`` while compilation works, else ``eager_fn(*args)``."""
         if self.compiled:
             try:
-                return compiled_call()
+                return compiled_fn(*args)
             except Exception as err:  # no C++ compiler, unsupported platform, ...
                 warnings.warn(f"torch.compile failed ({str(err).splitlines()[0]}); using eager "
                               "code for the prox and the λ2 term (slower, same result)",
                               stacklevel=3)
                 self.compiled = False
-        return eager_call()
+        return eager_fn(*args)
 
 
 class ProxSparse(Pruner):
