@@ -9,6 +9,7 @@ import logging
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .errors import ProxSparseError
@@ -198,11 +199,17 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)  # one line, without the source location
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     try:
-        return {"prune": cmd_prune, "eval": cmd_eval, "verify": cmd_verify}[args.command](args)
+        with warnings.catch_warnings():  # restores the usual display on the way out
+            warnings.showwarning = _show_warning
+            return {"prune": cmd_prune, "eval": cmd_eval, "verify": cmd_verify}[args.command](args)
     except ProxSparseError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -125,3 +125,14 @@ def test_verify_needs_a_directory(capsys, tmp_path):
 def test_eval_rejects_bad_window_settings(capsys, argv):
     code, _, err = run(capsys, *argv)
     assert code == 2 and "--seqlen" in err
+
+
+def test_warnings_are_one_plain_line(tmp_path, capsys, model_dir):
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    code, _, err = run(capsys, "prune", "--model", model_dir, "--method", "maskpro",
+                       "--steps", 0, "--calib", text, "--calib-windows", 4, "--seqlen", 32,
+                       "--out", tmp_path / "out", "--quiet")
+    assert code == 0
+    assert "warning: MaskPro ended on its prior mask" in err
+    assert "UserWarning" not in err and ".py:" not in err

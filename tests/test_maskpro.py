@@ -203,7 +203,8 @@ def test_prior_method_gives_its_masks_over_the_pretrained_weights(tokenizer, cal
     """With no steps the learned mask is the prior's; the weights under it are the pretrained
     ones even where the prior method (SparseGPT) rewrites the kept weights."""
     expected = prune(make_model(len(tokenizer)), config_for(prior), calib, progress=False).masks
-    model, pretrained, result = learn(tokenizer, calib, prior=prior, steps=0)
+    with pytest.warns(UserWarning, match="ended on its prior mask"):
+        model, pretrained, result = learn(tokenizer, calib, prior=prior, steps=0)
     for name, mask in result.masks.items():
         assert torch.equal(mask, expected[name])
         assert torch.equal(model.get_submodule(name).weight, pretrained[name + ".weight"] * mask)

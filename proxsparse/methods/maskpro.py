@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -273,6 +274,11 @@ class MaskPro(Pruner):
                     layer.weight.copy_(layer.pretrained)
         run.flush()
         run.plot(f"MaskPro {nm}: prior={cfg.prior}, C={cfg.logit_scale}, lr={cfg.lr}")
+        if int(self._changed(layers)) == 0:
+            warnings.warn(f"MaskPro ended on its prior mask: no group's top-{nm.n} logits changed "
+                          f"in {cfg.steps} steps, so the result is the {cfg.prior!r} mask. More "
+                          "steps or a smaller --logit-scale let it explore more (a much larger "
+                          "--lr makes it unstable).", stacklevel=2)
         masks = {}
         for target, layer in zip(targets, layers, strict=True):
             logits = layer.logits(cfg.logit_scale).t().reshape(target.module.weight.shape)
