@@ -91,38 +91,41 @@ def prox_nm(
     ctype = torch.promote_types(weight.dtype, torch.float32)
     z = weight.detach().reshape(-1, m)
     lam_t = lam.detach().to(ctype) if isinstance(lam, Tensor) else float(lam)
-    if compiled and (n, m) == (2, 4) and ctype == torch.float32:
-        # a tensor lam, so that a new value does not trigger a new compilation
-        lam_t = torch.as_tensor(lam_t, dtype=ctype, device=z.device)
-        return _compiled_prox24(z.to(ctype), lam_t).reshape(weight.shape).to(weight.dtype)
-    out = torch.empty(z.shape, dtype=ctype, device=z.device)
     chunk = _CPU_CHUNK if z.device.type == "cpu" else max(z.shape[0], 1)
+    if (n, m) == (2, 4):
+        if compiled and ctype == torch.float32:
+            # a tensor lam, so that a new value does not trigger a new compilation
+            lam_t = torch.as_tensor(lam_t, dtype=ctype, device=z.device)
+            out = _prox24_by_chunks(z, lam_t, ctype, _compiled_chunk24(), _COMPILED_CHUNK,
+                                    fixed_shape=True)
+        else:
+            out = _prox24_by_chunks(z, lam_t, ctype, _chunk24, chunk)
+        return out.reshape(weight.shape).to(weight.dtype)
+    out = torch.empty(z.shape, dtype=ctype, device=z.device)
     for start in range(0, z.shape[0], chunk):
         zc, oc = z[start:start + chunk].to(ctype), out[start:start + chunk]
-        if (n, m) == (2, 4):
-            oc.copy_(_chunk24(zc.t().contiguous(), lam_t).t())
-        else:
-            vals, order = zc.abs().sort(dim=1, descending=True)
-            oc.scatter_(1, order, _prox_general(vals, lam_t, n))
-            torch.copysign(oc, zc, out=oc)
+        vals, order = zc.abs().sort(dim=1, descending=True)
+        oc.scatter_(1, order, _prox_general(vals, lam_t, n))
+        torch.copysign(oc, zc, out=oc)
     return out.reshape(weight.shape).to(weight.dtype)
 
 
-def _compiled_prox24(z: Tensor, lam: Tensor) -> Tensor:
-    """2:4 prox of float32 groups ``z`` [G, 4] through the compiled kernel.
+def _prox24_by_chunks(z: Tensor, lam: Tensor | float, ctype: torch.dtype, kernel,
+                      chunk: int, fixed_shape: bool = False) -> Tensor:
+    """2:4 prox of groups ``z`` [G, 4], ``chunk`` groups at a time through ``kernel`` (the
+    position-first ``_chunk24`` or its compiled form), in ``ctype``.
 
-    The kernel has one fixed shape ([4, _COMPILED_CHUNK], position-first), so one compilation
-    serves every layer; the last chunk is zero-padded. (Column by column, a transposition runs
-    several times faster than ``copy_`` of a transposed view.)
+    Each chunk is transposed to [4, chunk] and back column by column (several times faster than
+    ``copy_`` of a transposed view). ``fixed_shape``: the last chunk is zero-padded, so that a
+    compiled kernel sees one shape and one compilation serves every layer.
     """
-    kernel = _compiled_chunk24()
-    out = torch.empty_like(z)
-    for start in range(0, z.shape[0], _COMPILED_CHUNK):
-        zc, oc = z[start:start + _COMPILED_CHUNK], out[start:start + _COMPILED_CHUNK]
-        zt = torch.stack(zc.unbind(1))
-        if zc.shape[0] < _COMPILED_CHUNK:
-            zt = torch.nn.functional.pad(zt, (0, _COMPILED_CHUNK - zc.shape[0]))
-        result = kernel(zt, lam)
+    out = torch.empty(z.shape, dtype=ctype, device=z.device)
+    for start in range(0, z.shape[0], chunk):
+        zc, oc = z[start:start + chunk], out[start:start + chunk]
+        rows = torch.stack(zc.unbind(1)).to(ctype)
+        if fixed_shape and zc.shape[0] < chunk:
+            rows = torch.nn.functional.pad(rows, (0, chunk - zc.shape[0]))
+        result = kernel(rows, lam)
         for i in range(4):
             oc[:, i].copy_(result[i, : zc.shape[0]])
     return out
@@ -161,14 +164,20 @@ def _ranks4(a: Sequence[Tensor]) -> list[Tensor]:
 
 def _of_rank(rank: Sequence[Tensor], a: Sequence[Tensor], r: int) -> Tensor:
     """Per group, the entry of ``a`` whose rank is ``r``."""
-    return torch.where(rank[0] == r, a[0], torch.where(rank[1] == r, a[1],
-                       torch.where(rank[2] == r, a[2], a[3])))
+    return _first_where([rank[j] == r for j in range(3)], a)
 
 
 def _select(values: Sequence[Tensor], index: Tensor) -> Tensor:
     """Per group, ``values[index]`` (``index`` holds 0..3)."""
-    return torch.where(index == 0, values[0], torch.where(
-        index == 1, values[1], torch.where(index == 2, values[2], values[3])))
+    return _first_where([index == k for k in range(3)], values)
+
+
+def _first_where(conditions: Sequence[Tensor], values: Sequence[Tensor]) -> Tensor:
+    """Per group, ``values[k]`` for the first true ``conditions[k]``, else the last value."""
+    out = values[-1]
+    for condition, value in zip(reversed(conditions), reversed(values[:-1]), strict=True):
+        out = torch.where(condition, value, out)
+    return out
 
 
 # The maths of 2:4. For sorted magnitudes a1 >= a2 >= a3 >= a4 the group is scaled by a1
