@@ -29,14 +29,16 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 # 2:4 Newton steps on the top-3 and the full face: the fewest that keep every group within float
-# rounding of a float64 reference in stress tests (one step fewer on either face does not)
+# rounding of a float64 solve in stress tests (bench/prox_steps.py: one step fewer on either face
+# does not)
 _NEWTON_STEPS_3, _NEWTON_STEPS_4 = 5, 4
 _CPU_CHUNK = 65536  # groups per chunk on the CPU (fastest in measurements: cache vs call overhead)
-_COMPILED_CHUNK = 16384  # the compiled kernel's one shape: small, so padding wastes little
+_COMPILED_CHUNK = 32768  # groups per chunk of the compiled kernel (fastest measured)
 _NEWTON_ITERS = 8  # general N:M: damped Newton iterations per face and start ...
 _STEP_LENGTHS = (1.0, 0.5, 0.125)  # ... each trying these step lengths
 _RAY_STEPS = 8
@@ -96,8 +98,7 @@ def prox_nm(
         if compiled and ctype == torch.float32:
             # a tensor lam, so that a new value does not trigger a new compilation
             lam_t = torch.as_tensor(lam_t, dtype=ctype, device=z.device)
-            out = _prox24_by_chunks(z, lam_t, ctype, _compiled_chunk24(), _COMPILED_CHUNK,
-                                    fixed_shape=True)
+            out = _prox24_by_chunks(z, lam_t, ctype, _compiled_chunk24(), _COMPILED_CHUNK)
         else:
             out = _prox24_by_chunks(z, lam_t, ctype, _chunk24, chunk)
         return out.reshape(weight.shape).to(weight.dtype)
@@ -111,29 +112,30 @@ def prox_nm(
 
 
 def _prox24_by_chunks(z: Tensor, lam: Tensor | float, ctype: torch.dtype, kernel,
-                      chunk: int, fixed_shape: bool = False) -> Tensor:
+                      chunk: int) -> Tensor:
     """2:4 prox of groups ``z`` [G, 4], ``chunk`` groups at a time through ``kernel`` (the
     position-first ``_chunk24`` or its compiled form), in ``ctype``.
 
-    Each chunk is transposed to [4, chunk] and back column by column (several times faster than
-    ``copy_`` of a transposed view). ``fixed_shape``: the last chunk is zero-padded, so that a
-    compiled kernel sees one shape and one compilation serves every layer.
+    Each chunk is transposed to [4, chunk] and back. On the CPU numpy does the transposes: its
+    strided copy is several times faster than torch's, which would otherwise cost a sixth of the
+    time.
     """
     out = torch.empty(z.shape, dtype=ctype, device=z.device)
+    on_cpu = z.device.type == "cpu"
     for start in range(0, z.shape[0], chunk):
-        zc, oc = z[start:start + chunk], out[start:start + chunk]
-        rows = torch.stack(zc.unbind(1)).to(ctype)
-        if fixed_shape and zc.shape[0] < chunk:
-            rows = torch.nn.functional.pad(rows, (0, chunk - zc.shape[0]))
-        result = kernel(rows, lam)
-        for i in range(4):
-            oc[:, i].copy_(result[i, : zc.shape[0]])
+        zc, oc = z[start:start + chunk].to(ctype), out[start:start + chunk]
+        if on_cpu:
+            rows = torch.from_numpy(np.ascontiguousarray(zc.numpy().T))
+            np.copyto(oc.numpy(), kernel(rows, lam).numpy().T)
+        else:
+            oc.copy_(kernel(zc.t().contiguous(), lam).t())
     return out
 
 
 @functools.cache
 def _compiled_chunk24():
-    return torch.compile(_chunk24, dynamic=False)
+    # dynamic sizes: one compilation serves every chunk length, as fast as a static one
+    return torch.compile(_chunk24, dynamic=True)
 
 
 def _chunk24(z: Tensor, lam: Tensor | float) -> Tensor:
