@@ -355,3 +355,23 @@ def test_compiled_2_4_is_exact_too() -> None:
             ours = objective(sorted_magnitudes(u, 4), a, lam_t, 2)
             assert (ours <= ref_obj + tolerance(a, ref_obj)).all(), (scale, unit)
             assert torch.equal(u.sign() * (u != 0), w.sign() * (u != 0))
+
+
+@pytest.mark.skipif(not can_compile(), reason="no C++ compiler or Python headers for "
+                    "torch.compile (the learning loop then falls back to the eager prox)")
+def test_compiled_chunks_do_not_change_the_result() -> None:
+    """More groups than one compiled chunk, the last one shorter: every chunk size runs through
+    the same kernel and gives the answer of the tensor processed on its own."""
+    from proxsparse.prox import _COMPILED_CHUNK
+
+    rows = (2 * _COMPILED_CHUNK + 1000) // 64
+    w = torch.randn(rows, 256, generator=torch.Generator().manual_seed(2)) * 0.02
+    u = prox_nm(w, 40.0, compiled=True)
+    assert torch.equal(u[:100], prox_nm(w[:100], 40.0, compiled=True))
+    assert torch.equal(u[-7:], prox_nm(w[-7:], 40.0, compiled=True))
+    eager = prox_nm(w, 40.0)
+    a = sorted_magnitudes(w, 4)
+    lam_t = torch.full((len(a),), 40.0, dtype=torch.float64)
+    ours = objective(sorted_magnitudes(u, 4), a, lam_t, 2)
+    theirs = objective(sorted_magnitudes(eager, 4), a, lam_t, 2)
+    assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-12)
