@@ -38,17 +38,11 @@ def stress_groups(g: int, gen: torch.Generator) -> torch.Tensor:
 
 def objective(u: torch.Tensor, a: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     u, a = u.double(), a.double()
-    e3 = (u[:, 0] * u[:, 1] * (u[:, 2] + u[:, 3]) + u[:, 2] * u[:, 3] * (u[:, 0] + u[:, 1]))
-    return 0.5 * ((u - a) ** 2).sum(1) + lam.double() * e3
+    return 0.5 * ((u - a) ** 2).sum(1) + lam.double() * prox.nm_penalty_groups(u)[:, 0]
 
 
 def solve(a: torch.Tensor, lam: torch.Tensor, steps3: int, steps4: int) -> torch.Tensor:
-    saved = prox._NEWTON_STEPS_3, prox._NEWTON_STEPS_4
-    prox._NEWTON_STEPS_3, prox._NEWTON_STEPS_4 = steps3, steps4
-    try:
-        return torch.stack(prox._prox24(list(a.unbind(1)), lam), 1)
-    finally:
-        prox._NEWTON_STEPS_3, prox._NEWTON_STEPS_4 = saved
+    return torch.stack(prox._prox24(list(a.unbind(1)), lam, steps=(steps3, steps4)), 1)
 
 
 def main() -> None:

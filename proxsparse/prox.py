@@ -93,12 +93,15 @@ def prox_nm(
     ctype = torch.promote_types(weight.dtype, torch.float32)
     z = weight.detach().reshape(-1, m)
     lam_t = lam.detach().to(ctype) if isinstance(lam, Tensor) else float(lam)
-    chunk = _CPU_CHUNK if z.device.type == "cpu" else max(z.shape[0], 1)
+    # chunks keep the CPU's many passes in cache; an accelerator takes every group at once
+    on_cpu = z.device.type == "cpu"
+    chunk = _CPU_CHUNK if on_cpu else max(z.shape[0], 1)
     if (n, m) == (2, 4):
         if compiled and ctype == torch.float32:
             # a tensor lam, so that a new value does not trigger a new compilation
             lam_t = torch.as_tensor(lam_t, dtype=ctype, device=z.device)
-            out = _prox24_by_chunks(z, lam_t, ctype, _compiled_chunk24(), _COMPILED_CHUNK)
+            out = _prox24_by_chunks(z, lam_t, ctype, _compiled_chunk24(),
+                                    _COMPILED_CHUNK if on_cpu else chunk)
         else:
             out = _prox24_by_chunks(z, lam_t, ctype, _chunk24, chunk)
         return out.reshape(weight.shape).to(weight.dtype)
@@ -213,7 +216,7 @@ def _roots(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return root, (root + 1) * inv, root * inv
 
 
-def _face3(al1: Tensor, al2: Tensor, al3: Tensor) -> list[Tensor]:
+def _face3(al1: Tensor, al2: Tensor, al3: Tensor, steps: int = _NEWTON_STEPS_3) -> list[Tensor]:
     """Candidate on the top-3 face, in lam = 1 units."""
     s4, c14, c24 = 4 * (al1 + al2), 4 * (al1 - al3), 4 * (al2 - al3)
     tiny = torch.finfo(al1.dtype).tiny  # keeps rsqrt finite at the branch point of a tie
@@ -224,7 +227,7 @@ def _face3(al1: Tensor, al2: Tensor, al3: Tensor) -> list[Tensor]:
     eta = torch.where(minus, hi.clamp_max(-1), hi)
     lo = torch.where(minus, lo, lo.clamp_min(-1))
     one = torch.ones_like(eta)
-    for _ in range(_NEWTON_STEPS_3):
+    for _ in range(steps):
         t = eta + 1
         q = t.square()
         base = torch.addcmul(eta, eta, t)  # (1 + eta)^2 - 1
@@ -240,7 +243,8 @@ def _face3(al1: Tensor, al2: Tensor, al3: Tensor) -> list[Tensor]:
     return [(p + r1) * 0.5, (p + r2) * 0.5, (p + eta) * 0.5]
 
 
-def _face4(al1: Tensor, al2: Tensor, al3: Tensor, al4: Tensor) -> list[Tensor]:
+def _face4(al1: Tensor, al2: Tensor, al3: Tensor, al4: Tensor,
+           steps: int = _NEWTON_STEPS_4) -> list[Tensor]:
     """Candidate on the full face, in lam = 1 units."""
     A = al1 + al2 + al3 + al4
     tiny = torch.finfo(A.dtype).tiny
@@ -274,7 +278,7 @@ def _face4(al1: Tensor, al2: Tensor, al3: Tensor, al4: Tensor) -> list[Tensor]:
             rs.append(r)
         return rg, p, ym1, qs, rs
 
-    for _ in range(_NEWTON_STEPS_4):
+    for _ in range(steps):
         rg, p, ym1, qs, rs = terms(v)
         psi = torch.add(ym1, p, alpha=2).add_(qs[0]).add_(qs[1]).add_(qs[2])
         vg = v * rg
@@ -285,8 +289,10 @@ def _face4(al1: Tensor, al2: Tensor, al3: Tensor, al4: Tensor) -> list[Tensor]:
     return [(p + qs[0]) * 0.5, (p + qs[1]) * 0.5, (p + qs[2]) * 0.5, (p + ym1) * 0.5]
 
 
-def _prox24(a: Sequence[Tensor], lam: Tensor | float) -> list[Tensor]:
-    """2:4 prox of sorted magnitudes ``a`` (four [G] tensors, the largest first)."""
+def _prox24(a: Sequence[Tensor], lam: Tensor | float,
+            steps: tuple[int, int] = (_NEWTON_STEPS_3, _NEWTON_STEPS_4)) -> list[Tensor]:
+    """2:4 prox of sorted magnitudes ``a`` (four [G] tensors, the largest first), with
+    ``steps`` Newton steps on the top-3 and on the full face."""
     a1 = a[0].clamp_min(torch.finfo(a[0].dtype).tiny)
     b2, b3, b4 = a[1] / a1, a[2] / a1, a[3] / a1
     ell = lam * a1
@@ -294,8 +300,8 @@ def _prox24(a: Sequence[Tensor], lam: Tensor | float) -> list[Tensor]:
     al2, al3, al4 = b2 * ell_c, b3 * ell_c, b4 * ell_c
     inv = 1 / ell_c
     # candidates in units of a1; rounding residue below zero is clipped (stays feasible)
-    c3 = [(x * inv).clamp_min(0) for x in _face3(ell_c, al2, al3)]
-    c4 = [(x * inv).clamp_min(0) for x in _face4(ell_c, al2, al3, al4)]
+    c3 = [(x * inv).clamp_min(0) for x in _face3(ell_c, al2, al3, steps[0])]
+    c4 = [(x * inv).clamp_min(0) for x in _face4(ell_c, al2, al3, al4, steps[1])]
     obj2 = (b3 * b3 + b4 * b4) * 0.5
     obj3 = ((c3[0] - 1).square() + (c3[1] - b2).square() + (c3[2] - b3).square() + b4 * b4) * 0.5
     obj3 = obj3 + ell * (c3[0] * c3[1] * c3[2])
