@@ -4,6 +4,7 @@
     model, tokenizer = load_model("smollm2-135m")
     calib = calibration_windows(tokenizer, "builtin", num_windows=128, seqlen=512)
     result = prune(model, WandaConfig(nm="2:4"), calib)
+    sparsify(model)  # packed 2:4 layers: smaller, and faster at decode
 """
 
 from .api import PruneResult, describe, prune
@@ -22,11 +23,13 @@ from .methods import (
 )
 from .models import find_targets, load_model
 from .nm import NM
+from .runtime import PackedLinear, densify, sparsify
 
 __all__ = [
-    "NM", "MagnitudeConfig", "MaskProConfig", "Perplexity", "PruneConfig", "PruneResult",
+    "NM", "MagnitudeConfig", "MaskProConfig", "PackedLinear", "Perplexity", "PruneConfig",
+    "PruneResult",
     "ProxSparseConfig", "ProxSparseError",
     "SparseGPTConfig", "WandaConfig", "apply_masks", "calibration_windows", "config_for",
     "describe", "eval_windows", "find_targets", "load_masks", "load_model", "load_text",
-    "perplexity", "prune", "save", "tokenize", "verify",
+    "densify", "perplexity", "prune", "save", "sparsify", "tokenize", "verify",
 ]

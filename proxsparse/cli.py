@@ -81,7 +81,55 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--nm", default=None, help="pattern to check when the directory has no "
                                               "proxsparse.json (default 2:4)")
     _add_runtime_args(v)
+    _add_packed_runtime_commands(sub)
     return parser
+
+
+def _add_packed_runtime_commands(sub) -> None:
+    """pack, generate, speed: running N:M models packed (proxsparse.runtime)."""
+    k = sub.add_parser("pack", help="store a pruned checkpoint's N:M layers packed")
+    k.add_argument("model", help="a proxsparse output directory (or any N:M checkpoint)")
+    k.add_argument("out", help="output directory of the packed checkpoint (written atomically)")
+    k.add_argument("--nm", default=None, help="pattern when the model has no proxsparse.json "
+                                              "(default 2:4)")
+    k.add_argument("--values-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="precision of the stored kept values (default: the model's dtype)")
+    k.add_argument("--overwrite", action="store_true", help="replace a proxsparse output at OUT")
+    _add_runtime_args(k)
+
+    g = sub.add_parser("generate", help="generate text (packed checkpoints run packed)")
+    g.add_argument("model", help="checkpoint directory, packed checkpoint, .gguf, hub id or alias")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    g.add_argument("--sparsify", action="store_true",
+                   help="pack a dense N:M checkpoint's layers on load (a packed checkpoint "
+                        "always runs packed)")
+    _add_kernel_args(g)
+    _add_runtime_args(g)
+
+    s = sub.add_parser("speed", help="decode and prefill speed, dense against packed, in one run")
+    s.add_argument("model", help="a pruned N:M checkpoint (dense with zeros) or a packed one")
+    s.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per decode run")
+    s.add_argument("--prompt", default="The history of the city begins",
+                   help="prompt of the decode runs")
+    s.add_argument("--prefill-tokens", type=int, default=512)
+    s.add_argument("--repeats", type=int, default=3, help="rounds; the median is reported")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_kernel_args(s)
+    _add_runtime_args(s)
+
+
+def _add_kernel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="auto", choices=["auto", "cpu", "cuda", "reference"],
+                   help="packed execution backend (auto: the compiled kernel where it runs)")
+    p.add_argument("--values-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="precision of the packed values when packing on load")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -199,8 +247,147 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def _checkpoint_targets(model_dir: str, nm_flag: str | None):
+    """(layer names, N:M) recorded in a proxsparse output, or (None, --nm) without metadata."""
+    from . import export
+    from .nm import NM
+
+    metadata = export.read_metadata(model_dir) if Path(model_dir).is_dir() else None
+    if metadata is not None and "targets" in metadata:
+        nm = NM.parse(metadata["nm"])
+        if nm_flag is not None and NM.parse(nm_flag) != nm:
+            raise ProxSparseError(f"{model_dir} was pruned to {nm}, not {nm_flag}: drop --nm")
+        return list(metadata["targets"]), nm
+    return None, NM.parse(nm_flag or "2:4")
+
+
+def _dtype(name: str | None):
+    import torch
+
+    return None if name is None else getattr(torch, name)
+
+
+def _load_packed_model(args, *, sparsify: bool):
+    """The model, packed: a packed checkpoint as it is, a dense N:M one packed on load."""
+    import torch
+
+    from .runtime import packed_layers
+    from .runtime import sparsify as pack_layers
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ProxSparseError(f"--threads must be ≥ 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    model, tokenizer = _load(args)
+    if sparsify and not packed_layers(model):
+        layers, nm = _checkpoint_targets(args.model, None)
+        pack_layers(model, nm, backend=args.backend, layers=layers,
+                    values_dtype=_dtype(args.values_dtype))
+    return model, tokenizer
+
+
+def cmd_pack(args) -> int:
+    from . import export
+    from .runtime import packed_layers, sparsify
+    from .runtime.checkpoint import write_packed
+    from .runtime.speed import model_bytes
+
+    layers, nm = _checkpoint_targets(args.model, args.nm)
+    export.check_output_dir(args.out, args.overwrite)
+    model, tokenizer = _load(args)
+    if packed_layers(model):
+        raise ProxSparseError(f"{args.model} is already packed")
+    dense_bytes = model_bytes(model)
+    sparsify(model, nm, backend="reference", layers=layers, values_dtype=_dtype(args.values_dtype))
+    metadata = export.read_metadata(args.model) or {"nm": str(nm)}
+    with export.staged_output(args.out, args.overwrite) as staging:
+        metadata["packed"] = write_packed(model, staging)
+        model.config.save_pretrained(staging)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        (staging / export.METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    on_disk = sum(p.stat().st_size for p in Path(args.out).iterdir())
+    print(f"packed {len(metadata['packed']['layers'])} {nm} layers: model "
+          f"{dense_bytes / 2**20:.1f} MiB dense -> {model_bytes(model) / 2**20:.1f} MiB packed "
+          f"in memory, {on_disk / 2**20:.1f} MiB on disk; saved to {args.out}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    if args.max_new_tokens < 1:
+        raise ProxSparseError(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
+    model, tokenizer = _load_packed_model(args, sparsify=args.sparsify)
+    if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ProxSparseError(f"{args.model} has no chat template: drop --chat")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
+                                            add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    ids = ids.to(args.device)
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                             **(sampling if args.sample else {"do_sample": False}))
+    seconds = time.perf_counter() - start
+    new = out[0, ids.shape[1]:]
+    print(tokenizer.decode(new, skip_special_tokens=True))
+    print(f"[{len(new)} tokens in {seconds:.2f}s: {len(new) / seconds:.1f} tokens/s]",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_speed(args) -> int:
+    import torch
+
+    from . import data
+    from .runtime.speed import compare
+
+    if min(args.new_tokens, args.prefill_tokens, args.repeats) < 1 or args.new_tokens < 2:
+        raise ProxSparseError("--new-tokens must be ≥ 2, --prefill-tokens and --repeats ≥ 1")
+    model, tokenizer = _load_packed_model(args, sparsify=True)
+    prompt = tokenizer(args.prompt, return_tensors="pt").input_ids.to(args.device)
+    ids = data.tokenize(tokenizer, data.builtin_text())[: args.prefill_tokens]
+    prefill = ids.view(1, -1).to(args.device)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=args.repeats * 2, desc="speed", disable=args.quiet or args.json) as bar:
+        result = compare(model, prompt, prefill, args.new_tokens, args.repeats, bar.update)
+    result["model"] = args.model
+    result["dtype"] = args.dtype
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    dense, packed = result["dense"], result["packed"]
+    print(f"{args.model}: {result['packed_layers']} packed layers, backend "
+          f"{result['backend']}, {torch.get_num_threads()} threads, median of {args.repeats}")
+    print(f"{'':8s} {'decode tok/s':>13s} {'prefill tok/s':>14s} {'target MiB':>11s} "
+          f"{'model MiB':>10s}")
+    for row in (dense, packed):
+        print(f"{row['label']:8s} {row['decode_tokens_per_s']:13.1f} "
+              f"{row['prefill_tokens_per_s']:14.1f} {row['target_weight_bytes'] / 2**20:11.1f} "
+              f"{row['model_bytes'] / 2**20:10.1f}")
+    print(f"speed-up: decode {result['decode_speedup']:.2f}x, prefill "
+          f"{result['prefill_speedup']:.2f}x; target bytes {result['target_bytes_ratio']:.3f}x; "
+          f"same greedy tokens: {'yes' if result['same_tokens'] else 'no'} (largest relative "
+          f"logit difference {result['max_relative_logit_difference']:.1e})")
+    return 0
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"warning: {message}", file=sys.stderr)  # one line, without the source location
+
+
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "verify": cmd_verify, "pack": cmd_pack,
+            "generate": cmd_generate, "speed": cmd_speed}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():  # restores the usual display on the way out
             warnings.showwarning = _show_warning
-            return {"prune": cmd_prune, "eval": cmd_eval, "verify": cmd_verify}[args.command](args)
+            return COMMANDS[args.command](args)
     except ProxSparseError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

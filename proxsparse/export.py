@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,3 +151,20 @@ def verify(
 def read_metadata(model_dir: str | Path) -> dict | None:
     path = Path(model_dir) / METADATA_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+@contextmanager
+def staged_output(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a staging directory beside ``out_dir``; on success it replaces ``out_dir`` in one
+    rename, on any failure (Ctrl-C included) it is removed: all or nothing."""
+    out = check_output_dir(out_dir, overwrite).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        _swap_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -54,6 +54,13 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     location, gguf_file = resolve(spec)
+    if gguf_file is None and Path(location).is_dir():
+        from .runtime.checkpoint import is_packed_checkpoint, load_packed
+
+        if is_packed_checkpoint(location):  # straight into packed layers
+            from transformers import AutoTokenizer
+
+            return load_packed(location, dtype, device), AutoTokenizer.from_pretrained(location)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)

@@ -1,0 +1,54 @@
+"""The compiled CPU kernels: built on first use with torch's cpp_extension, then cached.
+
+The build needs a C++ compiler and ninja (a dependency of proxsparse) and nothing from the
+network. torch keeps the built library under ``TORCH_EXTENSIONS_DIR`` (by default
+``~/.cache/torch_extensions``) and rebuilds it only when the source changes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+SOURCE = Path(__file__).with_name("nm24_cpu.cpp")
+
+# What the kernel may use, best first; tests force the lower ones to check every path.
+ISAS = {"avx512": 2, "avx2": 1, "portable": 0}
+
+
+class KernelUnavailable(RuntimeError):
+    """The compiled kernel cannot be built or loaded here (the message says why)."""
+
+
+@functools.cache
+def nm24() -> ModuleType:
+    """The compiled 2:4 kernel module (``matmul``, ``unpack``, ``best_isa``)."""
+    _put_ninja_on_path()
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(name="proxsparse_nm24_cpu", sources=[str(SOURCE)],
+                    extra_cflags=["-O3", "-std=c++17"], verbose=False)
+    except Exception as err:  # no compiler, no ninja, unsupported platform, ...
+        text = str(err).strip().splitlines()
+        raise KernelUnavailable(text[0] if text else type(err).__name__) from err
+
+
+def _put_ninja_on_path() -> None:
+    """cpp_extension looks for ninja on PATH; the pip package puts it beside the interpreter,
+    which is not on PATH when a virtual environment is used without activating it."""
+    candidates = [Path(sys.executable).parent]
+    try:
+        import ninja
+
+        candidates.insert(0, Path(ninja.BIN_DIR))
+    except (ImportError, AttributeError):
+        pass
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    for folder in candidates:
+        if (folder / "ninja").exists() and str(folder) not in path:
+            os.environ["PATH"] = os.pathsep.join([str(folder), *path])
+            return
