@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import shutil
 import sys
 import time
 import warnings
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from .errors import ProxSparseError
 from .methods import PRUNERS, PruneConfig
+from .methods.base import LearningConfig
 from .runlog import RunDir
 
 SHARED_FIELDS = {f.name for f in dataclasses.fields(PruneConfig)}
@@ -116,12 +116,12 @@ def cmd_prune(args) -> int:
             raise ProxSparseError(f"{flag} does not apply to method {args.method}; "
                                   f"it is an option of {', '.join(sorted(methods))}")
         method_settings[name] = value
+    learning = issubclass(PRUNERS[args.method].config_class, LearningConfig)
+    if learning:  # log, plot and checkpoints live here, written once the learning starts
+        method_settings["run_dir"] = (method_settings.get("run_dir")
+                                      or f"{Path(args.out).resolve()}.run")
     config = config_for(args.method, nm=args.nm, include=args.include, ignore=args.ignore,
                         seed=args.seed, **method_settings)
-    run_dir = None
-    if hasattr(config, "run_dir"):  # learning methods: log, plot and checkpoints live here
-        config.run_dir = config.run_dir or f"{Path(args.out).resolve()}.run"
-        run_dir = RunDir(config.run_dir, resume=True)
     for value, flag in ((args.calib_windows, "--calib-windows"), (args.seqlen, "--seqlen")):
         if value < 1:
             raise ProxSparseError(f"{flag} must be a positive integer, got {value}")
@@ -138,11 +138,10 @@ def cmd_prune(args) -> int:
     metadata = api.describe(result, model, model_source=args.model, calibration={
         "source": args.calib, "windows": args.calib_windows, "seqlen": args.seqlen,
         "seed": args.seed} if calib is not None else None)
+    run_dir = RunDir(config.run_dir if learning else None)
     out = export.save(model, tokenizer, args.out, result.masks, config.nm, metadata,
-                      overwrite=args.overwrite,
-                      extra_files=tuple(run_dir.files()) if run_dir else ())
-    if run_dir is not None:  # the log and plot now live in the output; the checkpoint is done
-        shutil.rmtree(run_dir.path, ignore_errors=True)
+                      overwrite=args.overwrite, extra_files=tuple(run_dir.files()))
+    run_dir.remove()  # the log and plot now live in the output; the checkpoint is done
     sparsity = sum(s["sparsity"] for s in metadata["layers"].values()) / len(result.masks)
     print(f"pruned {len(result.masks)} layers to {config.nm} with {args.method} in "
           f"{result.seconds:.1f}s (mean sparsity {sparsity:.3f}); "

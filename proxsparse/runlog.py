@@ -17,23 +17,69 @@ from .errors import ProxSparseError
 LOG_FILE = "log.jsonl"
 PLOT_FILE = "progress.png"
 CHECKPOINT_FILE = "checkpoint.pt"
+RUN_FILES = (LOG_FILE, PLOT_FILE, CHECKPOINT_FILE)  # what a run writes; nothing else is removed
+MARKER_FILE = ".proxsparse-run"  # {"created": bool}: the directory holds a run's files
 
 
 class RunDir:
-    """Log, plot and checkpoint of one learning run. ``path=None`` keeps metrics in memory only."""
+    """Log, plot and checkpoint of one learning run. ``path=None`` keeps metrics in memory only.
+
+    Nothing is written until the first log flush or checkpoint. A directory the run creates is
+    marked (``.proxsparse-run``); :meth:`remove` deletes only the run's own files and then the
+    directory, if the run created it and nothing else is left in it.
+    """
 
     def __init__(self, path: str | Path | None, resume: bool = False) -> None:
         self.path = Path(path) if path is not None else None
+        self.resume = resume
         self.pending: list[tuple[int, dict[str, torch.Tensor]]] = []
         self.history: list[dict] = []
+        self.opened = False
         if self.path is None:
             return
-        self.path.mkdir(parents=True, exist_ok=True)
+        check_run_dir(self.path)
         log = self.path / LOG_FILE
         if resume and log.exists():
             self.history = [json.loads(line) for line in log.read_text().splitlines() if line]
-        elif log.exists():
-            log.unlink()
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        """A run that fails before its first checkpoint leaves nothing behind."""
+        if kind is not None and self.path is not None:
+            if not (self.path / CHECKPOINT_FILE).exists():
+                self.remove()
+
+    def _open(self) -> Path:
+        """The directory, created (and marked as the run's) at the first write. A fresh run
+        drops what an earlier run left there."""
+        if not self.opened:
+            if not self.path.is_dir():
+                self.path.mkdir(parents=True)
+                (self.path / MARKER_FILE).write_text(json.dumps({"created": True}) + "\n")
+            elif not (self.path / MARKER_FILE).exists():
+                (self.path / MARKER_FILE).write_text(json.dumps({"created": False}) + "\n")
+            if not self.resume:
+                for name in RUN_FILES:
+                    (self.path / name).unlink(missing_ok=True)
+            self.opened = True
+        return self.path
+
+    def remove(self) -> None:
+        """Delete the run's own files, then the directory if the run created it and it is now
+        empty. Anything else in it is left alone."""
+        if self.path is None or not self.path.is_dir():
+            return
+        marker = self.path / MARKER_FILE
+        created = _read_marker(marker).get("created") is True
+        for name in RUN_FILES:
+            for path in (self.path / name, self.path / (name + ".tmp")):
+                if path.is_file() or path.is_symlink():
+                    path.unlink()
+        marker.unlink(missing_ok=True)
+        if created and not any(self.path.iterdir()):
+            self.path.rmdir()
 
     def record(self, step: int, **metrics: torch.Tensor) -> None:
         """Keep this step's metrics (detached tensors) until the next ``flush``."""
@@ -51,9 +97,16 @@ class RunDir:
         # Rows past the resume point were logged by the interrupted run: replace them.
         self.history = [r for r in self.history if r["step"] < rows[0]["step"]] + rows
         if self.path is not None:
-            _atomic_write_text(self.path / LOG_FILE,
+            _atomic_write_text(self._open() / LOG_FILE,
                                "".join(json.dumps(r) + "\n" for r in self.history))
         return rows[-1]
+
+    def finish(self, title: str) -> None:
+        """The last flush and the plot (a failure here, too, leaves nothing without a
+        checkpoint)."""
+        with self:
+            self.flush()
+            self.plot(title)
 
     def plot(self, title: str) -> Path | None:
         """Each logged metric against the step, one panel each, as ``progress.png``."""
@@ -75,7 +128,7 @@ class RunDir:
         axes[-1, 0].set_xlabel("step")
         fig.suptitle(title)
         fig.tight_layout()
-        out = self.path / PLOT_FILE
+        out = self._open() / PLOT_FILE
         fig.savefig(out, dpi=100)
         plt.close(fig)
         return out
@@ -86,7 +139,7 @@ class RunDir:
         """Save ``state`` (atomically) with the ``identity`` of the settings that produced it."""
         if self.path is None:
             return
-        tmp = self.path / (CHECKPOINT_FILE + ".tmp")
+        tmp = self._open() / (CHECKPOINT_FILE + ".tmp")
         torch.save({**state, "identity": identity}, tmp)
         os.replace(tmp, self.path / CHECKPOINT_FILE)
 
@@ -109,6 +162,27 @@ class RunDir:
         if self.path is None:
             return []
         return [p for p in (self.path / LOG_FILE, self.path / PLOT_FILE) if p.exists()]
+
+
+def check_run_dir(path: Path) -> None:
+    """Refuse a run directory that is a file, or that holds files of the run's names which no
+    proxsparse run wrote (they would be overwritten, then removed)."""
+    if path.exists() and not path.is_dir():
+        raise ProxSparseError(f"run directory {str(path)!r} is a file: give a directory")
+    if path.is_dir() and not (path / MARKER_FILE).exists():
+        foreign = [name for name in RUN_FILES if (path / name).exists()]
+        if foreign:
+            raise ProxSparseError(
+                f"run directory {str(path)!r} already holds {', '.join(foreign)}, not written "
+                "by a proxsparse run: choose another --run-dir")
+
+
+def _read_marker(path: Path) -> dict:
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

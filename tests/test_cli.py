@@ -136,3 +136,38 @@ def test_warnings_are_one_plain_line(tmp_path, capsys, model_dir):
     assert code == 0
     assert "warning: MaskPro ended on its prior mask" in err
     assert "UserWarning" not in err and ".py:" not in err
+
+
+def learn_argv(model_dir, out, *extra):
+    return ["prune", "--model", model_dir, "--method", "proxsparse", "--calib-windows", 2,
+            "--seqlen", 32, "--steps", 2, "--checkpoint-every", 1, "--out", out, "--quiet",
+            *extra]
+
+
+def test_run_dir_keeps_the_files_it_did_not_write(tmp_path, capsys, model_dir):
+    important = tmp_path / "important"
+    important.mkdir()
+    (important / "thesis.txt").write_text("years of work")
+    code, _, err = run(capsys, *learn_argv(model_dir, tmp_path / "out", "--run-dir", important))
+    assert code == 0, err
+    assert [p.name for p in important.iterdir()] == ["thesis.txt"]
+    assert (important / "thesis.txt").read_text() == "years of work"
+    assert (tmp_path / "out" / "log.jsonl").is_file()
+
+
+def test_run_dir_the_run_created_is_removed(tmp_path, capsys, model_dir):
+    code, _, err = run(capsys, *learn_argv(model_dir, tmp_path / "out", "--run-dir",
+                                           tmp_path / "fresh"))
+    assert code == 0, err
+    code, _, err = run(capsys, *learn_argv(model_dir, tmp_path / "out2"))
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out2"]
+
+
+def test_run_dir_with_foreign_run_files_is_refused(tmp_path, capsys, model_dir):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "log.jsonl").write_text("my own log\n")
+    code, _, err = run(capsys, *learn_argv(model_dir, tmp_path / "out", "--run-dir", mine))
+    assert code == 2 and "not written by a proxsparse run" in err
+    assert (mine / "log.jsonl").read_text() == "my own log\n" and not (tmp_path / "out").exists()

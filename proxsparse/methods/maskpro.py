@@ -239,7 +239,7 @@ class MaskPro(Pruner):
         bar = tqdm(range(start, cfg.steps), desc="maskpro", disable=not progress,
                    initial=start, total=cfg.steps)
         try:
-            with DeferredInterrupt() as interrupt, torch.no_grad():
+            with run, DeferredInterrupt() as interrupt, torch.no_grad():
                 for step in bar:
                     windows = self._windows(step, calib.shape[0])
                     self._fill_prior_losses(model, layers, calib, windows, prior_loss, known)
@@ -272,8 +272,7 @@ class MaskPro(Pruner):
             with torch.no_grad():
                 for layer in layers:
                     layer.weight.copy_(layer.pretrained)
-        run.flush()
-        run.plot(f"MaskPro {nm}: prior={cfg.prior}, C={cfg.logit_scale}, lr={cfg.lr}")
+        run.finish(f"MaskPro {nm}: prior={cfg.prior}, C={cfg.logit_scale}, lr={cfg.lr}")
         if int(self._changed(layers)) == 0:
             warnings.warn(f"MaskPro ended on its prior mask: no group's top-{nm.n} logits changed "
                           f"in {cfg.steps} steps, so the result is the {cfg.prior!r} mask. More "

@@ -218,7 +218,7 @@ class ProxSparse(Pruner):
         bar = tqdm(range(start, steps), desc="proxsparse", disable=not progress,
                    initial=start, total=steps)
         try:
-            with DeferredInterrupt() as interrupt:
+            with run, DeferredInterrupt() as interrupt:
                 for step in bar:
                     batch = self._batch(calib, step, cfg).to(device)
                     loss = model(batch, labels=batch, use_cache=False).loss
@@ -248,8 +248,7 @@ class ProxSparse(Pruner):
             model.train(was_training)
             for param, flag in requires_grad.items():
                 param.requires_grad_(flag)
-        run.flush()
-        run.plot(f"ProxSparse {cfg.nm}: λ1={cfg.lambda1}, λ2={cfg.lambda2}, lr={cfg.lr}")
+        run.finish(f"ProxSparse {cfg.nm}: λ1={cfg.lambda1}, λ2={cfg.lambda2}, lr={cfg.lr}")
 
         masks = {}
         with torch.no_grad():
