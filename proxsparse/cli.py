@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                    help="glob of linear layer names to leave dense. Repeatable")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier proxsparse output at --out (only a directory with "
+                        "a proxsparse.json; never the model or the working directory)")
     _add_runtime_args(p)
     group = p.add_argument_group("method options")
     for name, (kind, defaults) in method_options().items():
@@ -105,6 +107,7 @@ def _load(args):
 def cmd_prune(args) -> int:
     from . import api, data, export
     from .methods import config_for
+    from .models import local_source
 
     method_settings = {}
     for name, (_, methods) in method_options().items():
@@ -125,7 +128,8 @@ def cmd_prune(args) -> int:
     for value, flag in ((args.calib_windows, "--calib-windows"), (args.seqlen, "--seqlen")):
         if value < 1:
             raise ProxSparseError(f"{flag} must be a positive integer, got {value}")
-    export.check_output_dir(args.out, args.overwrite)
+    export.check_output_dir(args.out, args.overwrite, local_source(args.model),
+                            Path(config.run_dir) if learning else None)
     needs_calibration = PRUNERS[args.method].needs_calibration
     text = data.load_text(args.calib) if needs_calibration else None  # fail before the load
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,16 +26,54 @@ MASK_FILE = "masks.safetensors"
 METADATA_FILE = "proxsparse.json"
 
 
-def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Fail early (before any long work) if ``out_dir`` exists and may not be replaced."""
+def check_output_dir(
+    out_dir: str | Path, overwrite: bool = False, source: Path | None = None,
+    run_dir: Path | None = None,
+) -> Path:
+    """Fail early (before any long work) if ``out_dir`` may not be written: it is, or holds, the
+    current directory, the model ``source`` or the ``run_dir``; it lies inside the source; it
+    is a non-empty directory and not ``overwrite``, or not a proxsparse output (replacing
+    deletes it); or its parent cannot be written."""
     out = Path(out_dir)
+    where = out.resolve()
+    held = {"the current directory": Path.cwd(), "the model": source, "the run directory": run_dir}
+    for what, path in held.items():
+        if path is not None and is_within(path, where):
+            raise ProxSparseError(f"output {str(out)!r} is or holds {what} ({path}): "
+                                  "choose a new directory for the output")
+    if source is not None and is_within(where, source):
+        raise ProxSparseError(f"output {str(out)!r} lies inside the model {str(source)!r}: "
+                              "choose a directory outside it")
     if out.exists() and not out.is_dir():
         raise ProxSparseError(f"output {str(out)!r} exists and is a file: choose a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ProxSparseError(
-            f"output directory {str(out)!r} is not empty: choose another or pass --overwrite"
-        )
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ProxSparseError(f"output directory {str(out)!r} is not empty: choose another "
+                                  "or pass --overwrite")
+        if not (out / METADATA_FILE).is_file():
+            raise ProxSparseError(f"output directory {str(out)!r} is not empty and is not a "
+                                  f"proxsparse output (no {METADATA_FILE}); --overwrite replaces "
+                                  "only those: choose another directory")
+    _check_writable(where)
     return out
+
+
+def is_within(path: str | Path, parent: str | Path) -> bool:
+    """True when ``path`` is ``parent`` or lies inside it (both resolved: links, ``..``)."""
+    return Path(path).resolve().is_relative_to(Path(parent).resolve())
+
+
+def _check_writable(out: Path) -> None:
+    """Create and remove a directory where the output's staging directory will go."""
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent)).rmdir()
+    except OSError as err:
+        raise ProxSparseError(f"cannot write the output in {str(parent)!r} "
+                              f"({err.strerror or type(err).__name__}): choose another "
+                              "directory") from err
 
 
 def save(

@@ -47,6 +47,13 @@ def resolve(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
+def local_source(spec: str) -> Path | None:
+    """The local file or directory a model spec reads (for a GGUF, the file), None for a hub id."""
+    location, gguf_file = resolve(spec)
+    path = Path(location) / gguf_file if gguf_file else Path(location)
+    return path if path.exists() else None
+
+
 def load_model(
     spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, object]:

@@ -1,6 +1,7 @@
 """The command line, in-process: the happy path and one clear line for each bad input."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,11 +69,24 @@ def write_nan_model(tmp_path, model_dir):
     return bad
 
 
+def copy_model(tmp_path, model_dir, name):
+    import shutil
+
+    return Path(shutil.copytree(model_dir, tmp_path / name))
+
+
 def bad_inputs(tmp_path, model_dir):
+    """Label -> (prune options after the defaults, text the error line must hold)."""
     (tmp_path / "broken.gguf").write_bytes(b"GGUF but not really")
+    (tmp_path / "ggufs").mkdir()
+    (tmp_path / "ggufs" / "m.gguf").write_bytes(b"GGUF")
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "short.txt").write_text("a few words")
     (tmp_path / "notamodel").mkdir()
+    (tmp_path / "papers").mkdir()
+    (tmp_path / "papers" / "draft.txt").write_text("mine")
+    source = copy_model(tmp_path, model_dir, "source-model")
+    nested = copy_model(tmp_path, model_dir, "models/tiny")
     return {
         "missing model dir": (["--model", tmp_path / "nope" / "model.gguf"], "not found"),
         "not a checkpoint": (["--model", tmp_path / "notamodel"], "no config.json"),
@@ -88,22 +102,59 @@ def bad_inputs(tmp_path, model_dir):
         "nothing matched": (["--model", model_dir, "--ignore", "*"], "no target layer matched"),
         "foreign option": (["--model", model_dir, "--blocksize", "64"],
                            "does not apply to method wanda"),
+        # outputs that would delete what is not ours
+        "out is the working dir": (["--model", model_dir, "--out", ".", "--overwrite"],
+                                   "current directory"),
+        "out holds the working dir": (["--model", model_dir, "--out", tmp_path, "--overwrite"],
+                                      "current directory"),
+        "out is the model": (["--model", source, "--out", source, "--overwrite"],
+                             "holds the model"),
+        "out holds the model": (["--model", nested, "--out", nested.parent, "--overwrite"],
+                                "holds the model"),
+        "out inside the model": (["--model", source, "--out", source / "pruned"],
+                                 "inside the model"),
+        "out holds the gguf": (["--model", tmp_path / "ggufs" / "m.gguf", "--out",
+                                tmp_path / "ggufs", "--overwrite"], "holds the model"),
+        "overwrite a foreign dir": (["--model", model_dir, "--out", tmp_path / "papers",
+                                     "--overwrite"], "not a proxsparse output"),
+        "out holds the run dir": (["--model", model_dir, "--method", "proxsparse", "--run-dir",
+                                   tmp_path / "out" / "run"], "holds the run directory"),
+        "out not writable": (["--model", model_dir, "--out", "/proc/x"], "cannot write"),
+        "out under a file": (["--model", model_dir, "--out", tmp_path / "short.txt" / "x"],
+                             "cannot write"),
     }
+
+
+def snapshot(*roots) -> dict:
+    """Every file and directory under ``roots``: a file's size and modification time."""
+    tree = {}
+    for root in roots:
+        for path in sorted(Path(root).rglob("*")):
+            tree[path] = (path.stat().st_size, path.stat().st_mtime_ns) if path.is_file() else None
+    return tree
+
+
+def assert_one_error_line(label, code, err, message) -> None:
+    assert code == 2, (label, err)
+    assert err.startswith("error: ") and message in err, (label, err)
+    assert err.count("\n") == 1 and "Traceback" not in err, (label, err)
 
 
 def test_bad_inputs_get_one_clear_line_and_write_nothing(tmp_path, capsys, model_dir,
                                                         monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    for label, (args, message) in bad_inputs(tmp_path, model_dir).items():
-        out = tmp_path / "out"
+    cases = bad_inputs(tmp_path, model_dir)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    for label, (args, message) in cases.items():
+        before = snapshot(tmp_path, model_dir)
         argv = ["prune", "--method", "wanda", "--seqlen", 32, "--calib-windows", 2, "--quiet",
-                "--out", out, *args]
-        code, stdout, err = run(capsys, *argv)
-        assert code == 2, label
-        assert err.startswith("error: ") and message in err, (label, err)
-        assert err.count("\n") == 1 and "Traceback" not in err, label
-        assert not out.exists(), label
-        assert not any(p.name.startswith(".out") for p in tmp_path.iterdir()), label
+                "--out", tmp_path / "out", *args]
+        code, _, err = run(capsys, *argv)
+        assert_one_error_line(label, code, err, message)
+        assert snapshot(tmp_path, model_dir) == before, label
 
 
 def test_non_empty_output_is_refused_before_work(tmp_path, capsys, model_dir):
@@ -171,3 +222,14 @@ def test_run_dir_with_foreign_run_files_is_refused(tmp_path, capsys, model_dir):
     code, _, err = run(capsys, *learn_argv(model_dir, tmp_path / "out", "--run-dir", mine))
     assert code == 2 and "not written by a proxsparse run" in err
     assert (mine / "log.jsonl").read_text() == "my own log\n" and not (tmp_path / "out").exists()
+
+
+def test_overwrite_replaces_an_earlier_output(tmp_path, capsys, model_dir):
+    argv = ["prune", "--model", model_dir, "--method", "magnitude", "--out", tmp_path / "out",
+            "--quiet"]
+    assert run(capsys, *argv)[0] == 0
+    (tmp_path / "out" / "stale.txt").write_text("from the earlier run")
+    code, _, err = run(capsys, *argv, "--overwrite")
+    assert code == 0, err
+    assert not (tmp_path / "out" / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -70,9 +70,14 @@ def test_existing_output_needs_overwrite(tmp_path, tokenizer, calib):
     (tmp_path / "out" / "keep.txt").write_text("mine")
     with pytest.raises(ProxSparseError, match="--overwrite"):
         save(model, tokenizer, tmp_path / "out", result.masks, NM(2, 4), {})
-    save(model, tokenizer, tmp_path / "out", result.masks, NM(2, 4), {}, overwrite=True)
-    assert not (tmp_path / "out" / "keep.txt").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(ProxSparseError, match="not a proxsparse output"):  # it deletes
+        save(model, tokenizer, tmp_path / "out", result.masks, NM(2, 4), {}, overwrite=True)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    save(model, tokenizer, tmp_path / "new", result.masks, NM(2, 4), {})
+    (tmp_path / "new" / "stale.txt").write_text("from the earlier run")
+    save(model, tokenizer, tmp_path / "new", result.masks, NM(2, 4), {}, overwrite=True)
+    assert not (tmp_path / "new" / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out"]
 
 
 def test_verify_flags_a_dense_group(tokenizer, calib):
