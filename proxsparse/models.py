@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ProxSparseError
+from .errors import ProxSparseError, first_line
 from .nm import NM
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def load_model(
         raise
     except OSError as err:
         if Path(location).exists():
-            raise ProxSparseError(f"cannot load model {spec!r}: {_first_line(err)}") from err
+            raise ProxSparseError(f"cannot load model {spec!r}: {first_line(err)}") from err
         raise ProxSparseError(
             f"cannot load model {spec!r}: not a local path, and the Hugging Face hub could not "
             "provide it (no network, or no such repo); give a local directory, a .gguf file, "
@@ -78,7 +78,7 @@ def load_model(
     except Exception as err:  # corrupt files surface as many exception types
         raise ProxSparseError(
             f"cannot load model {spec!r}: the files look corrupt or unsupported "
-            f"({type(err).__name__}: {_first_line(err)})"
+            f"({type(err).__name__}: {first_line(err)})"
         ) from err
     if gguf_file:
         _forget_gguf_origin(model)
@@ -96,11 +96,6 @@ def _forget_gguf_origin(model: nn.Module) -> None:
             delattr(model, name)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 # --- target layers ---

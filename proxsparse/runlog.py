@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
 
-from .errors import ProxSparseError
+from .errors import ProxSparseError, first_line
 
 LOG_FILE = "log.jsonl"
 PLOT_FILE = "progress.png"
@@ -38,9 +40,8 @@ class RunDir:
         if self.path is None:
             return
         check_run_dir(self.path)
-        log = self.path / LOG_FILE
-        if resume and log.exists():
-            self.history = [json.loads(line) for line in log.read_text().splitlines() if line]
+        if resume and (self.path / LOG_FILE).exists():
+            self.history = self._read_log(self.path / LOG_FILE)
 
     def __enter__(self) -> RunDir:
         return self
@@ -143,11 +144,13 @@ class RunDir:
         torch.save({**state, "identity": identity}, tmp)
         os.replace(tmp, self.path / CHECKPOINT_FILE)
 
-    def load_checkpoint(self, identity: dict) -> dict | None:
-        """The saved state, or None; refuses a checkpoint made with other settings."""
+    def load_checkpoint(self, identity: dict, fields: dict[str, type]) -> dict | None:
+        """The saved state, or None; refuses a checkpoint made with other settings, and a file
+        that is damaged (checksums), holds more than tensors and plain values (loading it
+        executes nothing), or lacks any of ``fields`` (name -> type)."""
         if self.path is None or not (self.path / CHECKPOINT_FILE).exists():
             return None
-        state = torch.load(self.path / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        state = self._read_checkpoint(self.path / CHECKPOINT_FILE)
         saved = state.get("identity", {})
         if saved != identity:
             changed = sorted(k for k in identity.keys() | saved.keys()
@@ -155,7 +158,40 @@ class RunDir:
             raise ProxSparseError(
                 f"cannot resume from {self.path}: settings differ from the interrupted run "
                 f"({', '.join(changed)}); use the same options, or delete that directory")
+        missing = [name for name, kind in fields.items() if not isinstance(state.get(name), kind)]
+        if missing:
+            raise self._unreadable(self.path / CHECKPOINT_FILE, f"no valid {', '.join(missing)}")
         return state
+
+    def _read_log(self, path: Path) -> list[dict]:
+        try:
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip()]
+        except (OSError, ValueError) as err:  # ValueError: not JSON, not UTF-8
+            raise self._unreadable(path, first_line(err)) from err
+        if not all(isinstance(row, dict) and isinstance(row.get("step"), int) for row in rows):
+            raise self._unreadable(path, "a line is not a logged step")
+        return rows
+
+    def _read_checkpoint(self, path: Path) -> dict:
+        try:
+            with zipfile.ZipFile(path) as archive:  # torch.load does not check the CRCs
+                damaged = archive.testzip()
+            if damaged is not None:
+                raise ValueError(f"{damaged} fails its checksum")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise self._unreadable(path, "it holds objects other than tensors and plain "
+                                         "values, so proxsparse did not write it") from err
+        except Exception as err:  # a damaged file surfaces as many exception types
+            raise self._unreadable(path, first_line(err)) from err
+        if not isinstance(state, dict) or not isinstance(state.get("identity", {}), dict):
+            raise self._unreadable(path, "not a proxsparse checkpoint")
+        return state
+
+    def _unreadable(self, path: Path, reason: str) -> ProxSparseError:
+        return ProxSparseError(f"cannot resume from {path}: it is corrupt ({reason}); delete "
+                               f"{self.path} to start afresh, or run without --resume")
 
     def files(self) -> list[Path]:
         """The log and plot, to copy beside an exported model."""

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from proxsparse.cli import main
+from tests.conftest import WritesAMarker, own_run_dir
 
 
 def run(capsys, *argv):
@@ -87,6 +88,11 @@ def bad_inputs(tmp_path, model_dir):
     (tmp_path / "papers" / "draft.txt").write_text("mine")
     source = copy_model(tmp_path, model_dir, "source-model")
     nested = copy_model(tmp_path, model_dir, "models/tiny")
+    evil = own_run_dir(tmp_path / "evil.run")
+    torch.save({"step": 1, "payload": WritesAMarker(tmp_path / "pwned")}, evil / "checkpoint.pt")
+    bad_log = own_run_dir(tmp_path / "bad-log.run")
+    (bad_log / "log.jsonl").write_text("{half a line")
+    learn = ["--model", model_dir, "--method", "proxsparse", "--resume", "--run-dir"]
     return {
         "missing model dir": (["--model", tmp_path / "nope" / "model.gguf"], "not found"),
         "not a checkpoint": (["--model", tmp_path / "notamodel"], "no config.json"),
@@ -122,6 +128,9 @@ def bad_inputs(tmp_path, model_dir):
         "out not writable": (["--model", model_dir, "--out", "/proc/x"], "cannot write"),
         "out under a file": (["--model", model_dir, "--out", tmp_path / "short.txt" / "x"],
                              "cannot write"),
+        # run files that could run code or lie about the run
+        "malicious checkpoint": ([*learn, evil], "objects other than tensors"),
+        "corrupt log": ([*learn, bad_log], "bad-log.run/log.jsonl: it is corrupt"),
     }
 
 

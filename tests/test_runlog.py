@@ -1,9 +1,16 @@
 """The run directory: what it writes, what it removes, what it refuses to resume from."""
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from proxsparse.errors import ProxSparseError
 from proxsparse.runlog import CHECKPOINT_FILE, LOG_FILE, RunDir
+from tests.conftest import WritesAMarker, own_run_dir
 
 
 def test_nothing_is_written_before_the_first_flush(tmp_path):
@@ -39,3 +46,55 @@ def test_remove_keeps_a_directory_it_did_not_create(tmp_path):
     (tmp_path / (CHECKPOINT_FILE + ".tmp")).write_bytes(b"half a save")
     run.remove()
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_a_malicious_checkpoint_executes_nothing(tmp_path):
+    run_dir = own_run_dir(tmp_path / "run")
+    marker = tmp_path / "pwned"
+    torch.save({"step": 1, "identity": {}, "payload": WritesAMarker(marker)},
+               run_dir / CHECKPOINT_FILE)
+    with pytest.raises(ProxSparseError, match="objects other than tensors") as err:
+        RunDir(run_dir, resume=True).load_checkpoint({}, {"step": int})
+    assert str(run_dir / CHECKPOINT_FILE) in str(err.value) and "--resume" in str(err.value)
+    assert not marker.exists()
+
+
+def test_a_checkpoint_without_its_fields_is_refused(tmp_path):
+    run_dir = own_run_dir(tmp_path / "run")
+    with pytest.raises(ProxSparseError, match="no valid params"):
+        RunDir(run_dir, resume=True).load_checkpoint({}, {"step": int, "params": list})
+
+
+STATE = {"step": 3, "params": [torch.arange(64, dtype=torch.float32)],
+         "schedule": {"base_lrs": [0.001], "betas": (0.9, 0.999)}}
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_damaged_checkpoint_bytes_are_refused_or_harmless(data):
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = own_run_dir(Path(tmp) / "run")
+        RunDir(run_dir).save_checkpoint(STATE, {"lr": 0.001})
+        path = run_dir / CHECKPOINT_FILE
+        raw = bytearray(path.read_bytes())
+        if data.draw(st.booleans()):
+            raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
+        else:
+            raw[data.draw(st.integers(0, len(raw) - 1))] ^= 1 << data.draw(st.integers(0, 7))
+        path.write_bytes(bytes(raw))
+        try:
+            state = RunDir(run_dir, resume=True).load_checkpoint(
+                {"lr": 0.001}, {"step": int, "params": list, "schedule": dict})
+        except ProxSparseError as err:
+            assert "corrupt" in str(err) or "settings differ" in str(err)
+            return
+        assert state["step"] == 3 and torch.equal(state["params"][0], STATE["params"][0])
+        assert state["schedule"] == STATE["schedule"]
+
+
+@pytest.mark.parametrize("log", [b"{not json\n", b"\xff\xfe\n", b'{"loss": 1.0}\n', b"[1]\n"])
+def test_a_corrupt_log_is_refused_on_resume(tmp_path, log):
+    run_dir = own_run_dir(tmp_path / "run")
+    (run_dir / LOG_FILE).write_bytes(log)
+    with pytest.raises(ProxSparseError, match="corrupt"):
+        RunDir(run_dir, resume=True)

@@ -384,4 +384,6 @@ class MaskPro(Pruner):
         }, self.config.identity())
 
     def _restore(self, run: RunDir) -> dict | None:
-        return run.load_checkpoint(self.config.identity())
+        return run.load_checkpoint(self.config.identity(), {
+            "step": int, "priors": list, "offsets": list, "baseline": torch.Tensor,
+            "prior_loss": torch.Tensor, "known": torch.Tensor, "generator": torch.Tensor})

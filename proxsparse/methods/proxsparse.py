@@ -311,7 +311,8 @@ class ProxSparse(Pruner):
         }, self.config.identity())
 
     def _restore(self, run, trainable, optimizer, schedule, steps) -> int:
-        state = run.load_checkpoint(self.config.identity())
+        state = run.load_checkpoint(self.config.identity(), {
+            "step": int, "params": list, "optimizer": dict, "schedule": dict})
         if state is None:
             return 0
         with torch.no_grad():
