@@ -90,6 +90,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the Python code a model ships (auto_map in its config.json); off: "
+                        "such a model is refused. Only for code you have read and trust")
 
 
 def _load(args):
@@ -101,7 +104,8 @@ def _load(args):
     if args.quiet:
         transformers.utils.logging.disable_progress_bar()
 
-    return load_model(args.model, getattr(torch, args.dtype), args.device)
+    return load_model(args.model, getattr(torch, args.dtype), args.device,
+                      trust_remote_code=args.trust_remote_code)
 
 
 def cmd_prune(args) -> int:

@@ -55,13 +55,19 @@ def local_source(spec: str) -> Path | None:
 
 
 def load_model(
-    spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
 ) -> tuple[nn.Module, object]:
-    """Load ``(model, tokenizer)`` from a hub id, a directory, a ``.gguf`` file or an alias."""
+    """Load ``(model, tokenizer)`` from a hub id, a directory, a ``.gguf`` file or an alias.
+
+    A model that ships its own Python code (``auto_map`` in its config) is refused unless
+    ``trust_remote_code``: that code would run here. transformers is never left to ask.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     location, gguf_file = resolve(spec)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    kwargs["trust_remote_code"] = bool(trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
@@ -76,6 +82,12 @@ def load_model(
             "or the alias smollm2-135m"
         ) from err
     except Exception as err:  # corrupt files surface as many exception types
+        if "trust_remote_code" in str(err):
+            raise ProxSparseError(
+                f"model {spec!r} ships its own Python code (auto_map in its config), which "
+                "proxsparse does not run: read it, and pass --trust-remote-code only if you "
+                "trust it"
+            ) from err
         raise ProxSparseError(
             f"cannot load model {spec!r}: the files look corrupt or unsupported "
             f"({type(err).__name__}: {first_line(err)})"

@@ -98,3 +98,21 @@ def own_run_dir(path):
 
     RunDir(path).save_checkpoint({"step": 1}, {})
     return path
+
+
+def write_custom_code_model(path, model_dir, marker) -> Path:
+    """A copy of ``model_dir`` whose config names its own Python code (``auto_map``); importing
+    that code writes ``marker``."""
+    import json
+
+    shutil.copytree(model_dir, path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="evil-llama", auto_map={
+        "AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"})
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                  "from transformers import LlamaConfig, LlamaForCausalLM\n"
+                                  "class EvilConfig(LlamaConfig):\n    model_type = 'evil-llama'\n"
+                                  "class EvilModel(LlamaForCausalLM):\n"
+                                  "    config_class = EvilConfig\n")
+    return path

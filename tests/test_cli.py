@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from proxsparse.cli import main
-from tests.conftest import WritesAMarker, own_run_dir
+from tests.conftest import WritesAMarker, own_run_dir, write_custom_code_model
 
 
 def run(capsys, *argv):
@@ -242,3 +242,21 @@ def test_overwrite_replaces_an_earlier_output(tmp_path, capsys, model_dir):
     assert code == 0, err
     assert not (tmp_path / "out" / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("command", ["prune", "eval"])
+def test_a_model_with_its_own_code_is_refused_without_running_it(tmp_path, capsys, model_dir,
+                                                                  monkeypatch, command):
+    marker = tmp_path / "pwned"
+    custom = write_custom_code_model(tmp_path / "custom", model_dir, marker)
+
+    def no_prompt(*args):
+        raise AssertionError("prompted on stdin")
+
+    monkeypatch.setattr("builtins.input", no_prompt)
+    monkeypatch.setattr("sys.stdin", None)
+    argv = (["prune", "--model", custom, "--method", "magnitude", "--out", tmp_path / "out"]
+            if command == "prune" else ["eval", custom, "--text", "builtin"])
+    code, _, err = run(capsys, *argv)
+    assert_one_error_line(command, code, err, "--trust-remote-code")
+    assert not marker.exists() and not (tmp_path / "out").exists()
