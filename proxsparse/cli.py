@@ -127,8 +127,10 @@ def cmd_prune(args) -> int:
     if learning:  # log, plot and checkpoints live here, written once the learning starts
         method_settings["run_dir"] = (method_settings.get("run_dir")
                                       or f"{Path(args.out).resolve()}.run")
+    context = {"model": args.model, "calib": args.calib, "calib_windows": args.calib_windows,
+               "seqlen": args.seqlen}  # with N:M and the settings: what --resume must match
     config = config_for(args.method, nm=args.nm, include=args.include, ignore=args.ignore,
-                        seed=args.seed, **method_settings)
+                        seed=args.seed, context=context, **method_settings)
     for value, flag in ((args.calib_windows, "--calib-windows"), (args.seqlen, "--seqlen")):
         if value < 1:
             raise ProxSparseError(f"{flag} must be a positive integer, got {value}")

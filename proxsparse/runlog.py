@@ -6,6 +6,7 @@ the device to report a number at every step.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -31,9 +32,11 @@ class RunDir:
     directory, if the run created it and nothing else is left in it.
     """
 
-    def __init__(self, path: str | Path | None, resume: bool = False) -> None:
+    def __init__(self, path: str | Path | None, resume: bool = False,
+                 identity: dict | None = None) -> None:
         self.path = Path(path) if path is not None else None
         self.resume = resume
+        self.identity = identity or {}  # what a checkpoint must match to be resumed
         self.pending: list[tuple[int, dict[str, torch.Tensor]]] = []
         self.history: list[dict] = []
         self.opened = False
@@ -136,28 +139,31 @@ class RunDir:
 
     # --- checkpoints ---
 
-    def save_checkpoint(self, state: dict, identity: dict) -> None:
-        """Save ``state`` (atomically) with the ``identity`` of the settings that produced it."""
+    def save_checkpoint(self, state: dict) -> None:
+        """Flush the log, then save ``state`` (atomically) with the run's identity, so that a
+        run resumed from it (even after a kill) has a log of every step."""
         if self.path is None:
             return
+        self.flush()
         tmp = self._open() / (CHECKPOINT_FILE + ".tmp")
-        torch.save({**state, "identity": identity}, tmp)
+        torch.save({**state, "identity": self.identity}, tmp)
         os.replace(tmp, self.path / CHECKPOINT_FILE)
 
-    def load_checkpoint(self, identity: dict, fields: dict[str, type]) -> dict | None:
-        """The saved state, or None; refuses a checkpoint made with other settings, and a file
-        that is damaged (checksums), holds more than tensors and plain values (loading it
+    def load_checkpoint(self, fields: dict[str, type]) -> dict | None:
+        """The saved state, or None; refuses a checkpoint of a run with another identity, and a
+        file that is damaged (checksums), holds more than tensors and plain values (loading it
         executes nothing), or lacks any of ``fields`` (name -> type)."""
         if self.path is None or not (self.path / CHECKPOINT_FILE).exists():
             return None
         state = self._read_checkpoint(self.path / CHECKPOINT_FILE)
         saved = state.get("identity", {})
-        if saved != identity:
-            changed = sorted(k for k in identity.keys() | saved.keys()
-                             if identity.get(k) != saved.get(k))
+        if saved != self.identity:
+            changed = sorted(k for k in self.identity.keys() | saved.keys()
+                             if self.identity.get(k) != saved.get(k))
             raise ProxSparseError(
-                f"cannot resume from {self.path}: settings differ from the interrupted run "
-                f"({', '.join(changed)}); use the same options, or delete that directory")
+                f"cannot resume from {self.path}: the inputs or settings differ from the "
+                f"interrupted run ({', '.join(changed)}); use the same ones, or delete that "
+                "directory")
         missing = [name for name, kind in fields.items() if not isinstance(state.get(name), kind)]
         if missing:
             raise self._unreadable(self.path / CHECKPOINT_FILE, f"no valid {', '.join(missing)}")
@@ -198,6 +204,23 @@ class RunDir:
         if self.path is None:
             return []
         return [p for p in (self.path / LOG_FILE, self.path / PLOT_FILE) if p.exists()]
+
+
+def fingerprint(tensors: list[torch.Tensor], samples: int = 4096) -> str:
+    """A short digest of the tensors' shapes and dtypes and the exact bits of ``samples``
+    evenly spaced values of each (all of a smaller one), read with one host transfer."""
+    picked = []
+    for tensor in tensors:
+        flat = tensor.detach().reshape(-1)
+        bits = flat[:: max(1, flat.numel() // samples)][:samples]
+        picked.append(bits.view(_SAME_SIZE_INT[bits.element_size()]).long())
+    values = torch.cat(picked).cpu() if picked else torch.zeros(0, dtype=torch.long)
+    digest = hashlib.sha256(repr([(tuple(t.shape), str(t.dtype)) for t in tensors]).encode())
+    digest.update(values.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def check_run_dir(path: Path) -> None:

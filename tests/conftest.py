@@ -96,7 +96,7 @@ def own_run_dir(path):
     """A run directory as a proxsparse run leaves it (with its marker file)."""
     from proxsparse.runlog import RunDir
 
-    RunDir(path).save_checkpoint({"step": 1}, {})
+    RunDir(path).save_checkpoint({"step": 1})
     return path
 
 

@@ -8,10 +8,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from proxsparse.cli import main
-from tests.conftest import WritesAMarker, own_run_dir, write_custom_code_model
+from proxsparse.data import builtin_text
+from tests.conftest import (
+    WritesAMarker,
+    make_model,
+    make_tokenizer,
+    own_run_dir,
+    write_custom_code_model,
+)
 
 
 def run(capsys, *argv):
+    capsys.readouterr()  # only what this command prints
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
@@ -260,3 +268,49 @@ def test_a_model_with_its_own_code_is_refused_without_running_it(tmp_path, capsy
     code, _, err = run(capsys, *argv)
     assert_one_error_line(command, code, err, "--trust-remote-code")
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_resume_refuses_other_inputs_and_keeps_a_whole_log(tmp_path, capsys, model_dir,
+                                                           monkeypatch):
+    from proxsparse.methods import proxsparse as method
+
+    text = tmp_path / "calib.txt"
+    text.write_text(builtin_text()[:20000])
+    out = tmp_path / "out"
+    argv = [*learn_argv(model_dir, out, "--calib", text), "--steps", 6, "--checkpoint-every", 2,
+            "--log-every", 5]
+    calls = {"n": 0}
+    real_prox = method.prox_nm
+
+    def prox_then_killed(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 14 * 3 + 1:  # during step 3 (14 layers a step), no flush since 0
+            raise RuntimeError("killed")
+        return real_prox(*args, **kwargs)
+
+    monkeypatch.setattr(method, "prox_nm", prox_then_killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(capsys, *argv)
+    monkeypatch.setattr(method, "prox_nm", real_prox)
+    assert (tmp_path / "out.run" / "checkpoint.pt").is_file()
+
+    moved = copy_model(tmp_path, model_dir, "moved")
+    other = tmp_path / "other"
+    make_model(320, seed=1).save_pretrained(other)
+    make_tokenizer().save_pretrained(other)
+    for flags, differs in [(["--model", moved], "model"),
+                           (["--model", other], "model, weights"),
+                           (["--calib", "builtin"], "calib, calibration"),
+                           (["--calib-windows", 3], "calib_windows, calibration"),
+                           (["--seqlen", 16], "calibration, seqlen"),
+                           (["--nm", "1:4"], "nm"),
+                           (["--lambda1", 0.5], "lambda1")]:
+        before = snapshot(tmp_path)
+        code, _, err = run(capsys, *argv, "--resume", *flags)
+        assert_one_error_line(flags, code, err, f"differ from the interrupted run ({differs});")
+        assert snapshot(tmp_path) == before
+
+    code, _, err = run(capsys, *argv, "--resume")
+    assert code == 0, err
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == list(range(6))
+    assert not (tmp_path / "out.run").exists()

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxsparse.errors import ProxSparseError
-from proxsparse.runlog import CHECKPOINT_FILE, LOG_FILE, RunDir
+from proxsparse.runlog import CHECKPOINT_FILE, LOG_FILE, RunDir, fingerprint
 from tests.conftest import WritesAMarker, own_run_dir
 
 
@@ -32,7 +32,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_path):
 def test_a_run_that_fails_after_a_checkpoint_keeps_it(tmp_path):
     with pytest.raises(KeyboardInterrupt), RunDir(tmp_path / "run") as run:
         run.record(0, loss=torch.tensor(1.0))
-        run.save_checkpoint({"step": 1}, {})
+        run.save_checkpoint({"step": 1})
         raise KeyboardInterrupt
     assert (tmp_path / "run" / CHECKPOINT_FILE).is_file()
     RunDir(tmp_path / "run").remove()
@@ -42,7 +42,7 @@ def test_a_run_that_fails_after_a_checkpoint_keeps_it(tmp_path):
 def test_remove_keeps_a_directory_it_did_not_create(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     run = RunDir(tmp_path)
-    run.save_checkpoint({"step": 1}, {})
+    run.save_checkpoint({"step": 1})
     (tmp_path / (CHECKPOINT_FILE + ".tmp")).write_bytes(b"half a save")
     run.remove()
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
@@ -54,7 +54,7 @@ def test_a_malicious_checkpoint_executes_nothing(tmp_path):
     torch.save({"step": 1, "identity": {}, "payload": WritesAMarker(marker)},
                run_dir / CHECKPOINT_FILE)
     with pytest.raises(ProxSparseError, match="objects other than tensors") as err:
-        RunDir(run_dir, resume=True).load_checkpoint({}, {"step": int})
+        RunDir(run_dir, resume=True).load_checkpoint({"step": int})
     assert str(run_dir / CHECKPOINT_FILE) in str(err.value) and "--resume" in str(err.value)
     assert not marker.exists()
 
@@ -62,7 +62,7 @@ def test_a_malicious_checkpoint_executes_nothing(tmp_path):
 def test_a_checkpoint_without_its_fields_is_refused(tmp_path):
     run_dir = own_run_dir(tmp_path / "run")
     with pytest.raises(ProxSparseError, match="no valid params"):
-        RunDir(run_dir, resume=True).load_checkpoint({}, {"step": int, "params": list})
+        RunDir(run_dir, resume=True).load_checkpoint({"step": int, "params": list})
 
 
 STATE = {"step": 3, "params": [torch.arange(64, dtype=torch.float32)],
@@ -74,7 +74,7 @@ STATE = {"step": 3, "params": [torch.arange(64, dtype=torch.float32)],
 def test_damaged_checkpoint_bytes_are_refused_or_harmless(data):
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = own_run_dir(Path(tmp) / "run")
-        RunDir(run_dir).save_checkpoint(STATE, {"lr": 0.001})
+        RunDir(run_dir, identity={"lr": 0.001}).save_checkpoint(STATE)
         path = run_dir / CHECKPOINT_FILE
         raw = bytearray(path.read_bytes())
         if data.draw(st.booleans()):
@@ -83,8 +83,8 @@ def test_damaged_checkpoint_bytes_are_refused_or_harmless(data):
             raw[data.draw(st.integers(0, len(raw) - 1))] ^= 1 << data.draw(st.integers(0, 7))
         path.write_bytes(bytes(raw))
         try:
-            state = RunDir(run_dir, resume=True).load_checkpoint(
-                {"lr": 0.001}, {"step": int, "params": list, "schedule": dict})
+            state = RunDir(run_dir, resume=True, identity={"lr": 0.001}).load_checkpoint(
+                {"step": int, "params": list, "schedule": dict})
         except ProxSparseError as err:
             assert "corrupt" in str(err) or "settings differ" in str(err)
             return
@@ -98,3 +98,22 @@ def test_a_corrupt_log_is_refused_on_resume(tmp_path, log):
     (run_dir / LOG_FILE).write_bytes(log)
     with pytest.raises(ProxSparseError, match="corrupt"):
         RunDir(run_dir, resume=True)
+
+
+def test_the_log_is_flushed_with_every_checkpoint(tmp_path):
+    run = RunDir(tmp_path / "run")
+    for step in range(3):
+        run.record(step, loss=torch.tensor(float(step)))
+    run.save_checkpoint({"step": 3})  # a kill now loses no logged step
+    rows = RunDir(tmp_path / "run", resume=True).history
+    assert [row["step"] for row in rows] == [0, 1, 2]
+
+
+def test_fingerprint_sees_shapes_dtypes_and_values():
+    weights = [torch.randn(64, 128), torch.randn(32, 64).bfloat16()]
+    same = [w.clone() for w in weights]
+    assert fingerprint(weights) == fingerprint(same)
+    same[0][0, 0] += 1
+    assert fingerprint(weights) != fingerprint(same)
+    assert fingerprint(weights) != fingerprint([weights[0].view(128, 64), weights[1]])
+    assert fingerprint(weights) != fingerprint([weights[0].double(), weights[1]])

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..models import Target
 from ..nm import NM
+from ..runlog import RunDir, fingerprint
 
 
 @dataclass
@@ -22,6 +23,9 @@ class PruneConfig:
     ignore: tuple[str, ...] = ()
     seed: int = 0
     hyperparameters: dict = field(default_factory=dict, repr=False, compare=False)
+    # What the caller knows of the inputs (model id, calibration source, windows, seqlen): part
+    # of a learning run's identity, so that --resume refuses a run on other inputs.
+    context: dict = field(default_factory=dict, repr=False, compare=False)
 
     method: ClassVar[str] = ""
 
@@ -40,7 +44,7 @@ class PruneConfig:
         bookkeeping = {"run_dir", "resume", "log_every", "checkpoint_every"}
         return {**{k: v for k, v in self.settings().items() if k not in bookkeeping},
                 "nm": str(self.nm), "seed": self.seed, "include": list(self.include),
-                "ignore": list(self.ignore)}
+                "ignore": list(self.ignore), **self.context}
 
 
 @dataclass
@@ -51,6 +55,15 @@ class LearningConfig(PruneConfig):
     resume: bool = False
     checkpoint_every: int = 50
     log_every: int = 10
+
+    def open_run(self, targets: list[Target], calib: torch.Tensor) -> RunDir:
+        """This run's directory. Its checkpoints resume only a run of the same identity: the
+        settings, the ``context``, a fingerprint of the target weights (taken now, before any
+        learning) and one of the calibration tokens."""
+        identity = {**self.identity(),
+                    "weights": fingerprint([t.module.weight for t in targets]),
+                    "calibration": fingerprint([calib], samples=calib.numel())}
+        return RunDir(self.run_dir or None, resume=self.resume, identity=identity)
 
 
 class Pruner(ABC):

@@ -197,7 +197,7 @@ class MaskPro(Pruner):
             raise ProxSparseError(f"--batch-size {cfg.batch_size} must be between 1 and the "
                                   f"{calib.shape[0]} calibration windows")
         device = targets[0].module.weight.device
-        run = RunDir(cfg.run_dir or None, resume=cfg.resume)
+        run = cfg.open_run(targets, calib)
         state = self._restore(run) if cfg.resume else None
 
         def by_position(x: torch.Tensor) -> torch.Tensor:
@@ -381,9 +381,9 @@ class MaskPro(Pruner):
             "prior_loss": prior_loss.cpu(),
             "known": known.clone(),
             "generator": generator.get_state(),
-        }, self.config.identity())
+        })
 
     def _restore(self, run: RunDir) -> dict | None:
-        return run.load_checkpoint(self.config.identity(), {
+        return run.load_checkpoint({
             "step": int, "priors": list, "offsets": list, "baseline": torch.Tensor,
             "prior_loss": torch.Tensor, "known": torch.Tensor, "generator": torch.Tensor})

@@ -22,7 +22,7 @@ from ..activations import input_feature_norms
 from ..errors import ProxSparseError
 from ..nm import NM, groups, topn_mask
 from ..prox import prox_nm
-from ..runlog import DeferredInterrupt, RunDir
+from ..runlog import DeferredInterrupt
 from .base import LearningConfig, Pruner
 from .sparsegpt import reconstruct
 
@@ -207,7 +207,7 @@ class ProxSparse(Pruner):
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, steps, cfg.warmup))
-        run = RunDir(cfg.run_dir or None, resume=cfg.resume)
+        run = cfg.open_run(targets, calib)
         start = self._restore(run, trainable, optimizer, schedule, steps) if cfg.resume else 0
 
         device = weights[0].device
@@ -308,10 +308,10 @@ class ProxSparse(Pruner):
             "params": [p.detach().cpu() for p in trainable],
             "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(),
-        }, self.config.identity())
+        })
 
     def _restore(self, run, trainable, optimizer, schedule, steps) -> int:
-        state = run.load_checkpoint(self.config.identity(), {
+        state = run.load_checkpoint({
             "step": int, "params": list, "optimizer": dict, "schedule": dict})
         if state is None:
             return 0
