@@ -6,15 +6,17 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import signal
 import sys
 import time
 import warnings
 from pathlib import Path
 
-from .errors import ProxSparseError
+from .errors import COUNT, WINDOW, ProxSparseError, check_options
 from .methods import PRUNERS, PruneConfig
 from .methods.base import LearningConfig
-from .runlog import RunDir
+from .runlog import CHECKPOINT_FILE, RunDir
 
 SHARED_FIELDS = {f.name for f in dataclasses.fields(PruneConfig)}
 
@@ -93,6 +95,8 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run the Python code a model ships (auto_map in its config.json); off: "
                         "such a model is refused. Only for code you have read and trust")
+    p.add_argument("--debug", action="store_true",
+                   help="show the Python traceback of an error (or set PROXSPARSE_DEBUG=1)")
 
 
 def _load(args):
@@ -108,10 +112,15 @@ def _load(args):
                       trust_remote_code=args.trust_remote_code)
 
 
+def _run_dir(args) -> Path:
+    """Where a learning run keeps its log, plot and checkpoints: --run-dir or <out>.run."""
+    return Path(getattr(args, "run_dir", None) or f"{Path(args.out).resolve()}.run")
+
+
 def cmd_prune(args) -> int:
     from . import api, data, export
     from .methods import config_for
-    from .models import local_source
+    from .models import check_device, local_source
 
     method_settings = {}
     for name, (_, methods) in method_options().items():
@@ -125,17 +134,15 @@ def cmd_prune(args) -> int:
         method_settings[name] = value
     learning = issubclass(PRUNERS[args.method].config_class, LearningConfig)
     if learning:  # log, plot and checkpoints live here, written once the learning starts
-        method_settings["run_dir"] = (method_settings.get("run_dir")
-                                      or f"{Path(args.out).resolve()}.run")
+        method_settings["run_dir"] = str(_run_dir(args))
     context = {"model": args.model, "calib": args.calib, "calib_windows": args.calib_windows,
                "seqlen": args.seqlen}  # with N:M and the settings: what --resume must match
     config = config_for(args.method, nm=args.nm, include=args.include, ignore=args.ignore,
                         seed=args.seed, context=context, **method_settings)
-    for value, flag in ((args.calib_windows, "--calib-windows"), (args.seqlen, "--seqlen")):
-        if value < 1:
-            raise ProxSparseError(f"{flag} must be a positive integer, got {value}")
+    check_options(args, calib_windows=COUNT, seqlen=WINDOW)
     export.check_output_dir(args.out, args.overwrite, local_source(args.model),
                             Path(config.run_dir) if learning else None)
+    check_device(args.device)
     needs_calibration = PRUNERS[args.method].needs_calibration
     text = data.load_text(args.calib) if needs_calibration else None  # fail before the load
 
@@ -162,9 +169,10 @@ def cmd_prune(args) -> int:
 def cmd_eval(args) -> int:
     from . import data
     from .evaluate import perplexity
+    from .models import check_device
 
-    if args.seqlen < 2 or args.max_windows < 1:
-        raise ProxSparseError("--seqlen must be ≥ 2 and --max-windows ≥ 1")
+    check_options(args, seqlen=WINDOW, max_windows=COUNT, batch_size=COUNT)
+    check_device(args.device)
     text = data.load_text(args.text)
     model, tokenizer = _load(args)
     ids = data.tokenize(tokenizer, text)
@@ -187,11 +195,10 @@ def cmd_verify(args) -> int:
     if not Path(args.model).is_dir():
         raise ProxSparseError(f"{args.model!r} is not a directory: give a saved checkpoint")
     metadata = export.read_metadata(args.model)
+    masks = export.load_masks(args.model)[0] if metadata is not None else None
     model, _ = _load(args)
-    masks = None
     if metadata is not None:
         nm, names = NM.parse(metadata["nm"]), metadata["targets"]
-        masks, _ = export.load_masks(args.model)
     else:
         nm = NM.parse(args.nm or "2:4")
         names = [t.name for t in find_targets(model, nm)[0]]
@@ -220,12 +227,21 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _show_warning
             return {"prune": cmd_prune, "eval": cmd_eval, "verify": cmd_verify}[args.command](args)
     except ProxSparseError as err:
+        if getattr(args, "debug", False) or os.environ.get("PROXSPARSE_DEBUG", "0") != "0":
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = " (learning runs: add --resume to continue)" if args.command == "prune" else ""
-        print(f"interrupted{hint}", file=sys.stderr)
+        if argv is None:  # the program, not a caller: another Ctrl-C now ends it, silently
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+        print(f"interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
+
+
+def _resume_hint(args) -> str:
+    """After Ctrl-C: how to continue, when a learning run has left a checkpoint."""
+    resumable = args.command == "prune" and (_run_dir(args) / CHECKPOINT_FILE).is_file()
+    return " (add --resume to continue from the checkpoint)" if resumable else ""
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ kept pattern of every group packed in ceil(log2 C(M,N)) bits: 3 bits per group f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import ProxSparseError
+from .errors import ProxSparseError, first_line
 from .nm import NM, is_valid_nm, nonzeros_per_group, pack_mask, unpack_mask
 
 MASK_FILE = "masks.safetensors"
@@ -117,8 +118,18 @@ def _swap_into_place(staging: Path, out: Path) -> None:
 
 def save_masks(path: Path, masks: dict[str, torch.Tensor], nm: NM) -> None:
     tensors = {name: pack_mask(mask, nm) for name, mask in masks.items()}
-    shapes = {name: list(mask.shape) for name, mask in masks.items()}
-    save_file(tensors, str(path), metadata={"nm": str(nm), "shapes": json.dumps(shapes)})
+    header = {"nm": str(nm), "shapes": json.dumps({name: list(mask.shape)
+                                                   for name, mask in masks.items()})}
+    save_file(tensors, str(path), metadata={**header, "sha256": _mask_digest(header, tensors)})
+
+
+def _mask_digest(header: dict[str, str], packed: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a mask file's nm, shapes and packed bits (safetensors keeps no checksum)."""
+    digest = hashlib.sha256(json.dumps([header["nm"], header["shapes"]]).encode())
+    for name in sorted(packed):
+        digest.update(name.encode())
+        digest.update(packed[name].contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_masks(path: str | Path) -> tuple[dict[str, torch.Tensor], NM]:
@@ -130,14 +141,23 @@ def load_masks(path: str | Path) -> tuple[dict[str, torch.Tensor], NM]:
         raise ProxSparseError(f"no mask file at {str(path)!r}: give a proxsparse output directory")
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        header = handle.metadata() or {}
-    if "nm" not in header or "shapes" not in header:
-        raise ProxSparseError(f"{path} is not a proxsparse mask file (no nm/shapes metadata)")
-    nm = NM.parse(header["nm"])
-    shapes = json.loads(header["shapes"])
-    packed = load_file(str(path))
-    return {name: unpack_mask(packed[name], tuple(shapes[name]), nm) for name in shapes}, nm
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+        if "nm" not in header or "shapes" not in header:
+            raise ProxSparseError(f"{path} is not a proxsparse mask file (no nm/shapes metadata)")
+        nm = NM.parse(header["nm"])
+        shapes = json.loads(header["shapes"])
+        packed = load_file(str(path))
+        if "sha256" in header and _mask_digest(header, packed) != header["sha256"]:
+            raise ValueError("its checksum does not match its contents")
+        masks = {name: unpack_mask(packed[name], tuple(shapes[name]), nm) for name in shapes}
+    except ProxSparseError:
+        raise
+    except Exception as err:  # a damaged file surfaces as many exception types
+        raise ProxSparseError(f"mask file {str(path)!r} is damaged ({first_line(err)}): "
+                              "export the model again") from err
+    return masks, nm
 
 
 @torch.no_grad()
@@ -186,5 +206,19 @@ def verify(
 
 
 def read_metadata(model_dir: str | Path) -> dict | None:
+    """The directory's ``proxsparse.json`` (None when it has none); refuses a damaged one."""
     path = Path(model_dir) / METADATA_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    fix = f"export the model again, or remove {METADATA_FILE} to check the N:M pattern alone"
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: not JSON, not UTF-8
+        raise ProxSparseError(f"{str(path)!r} is damaged ({first_line(err)}): {fix}") from err
+    valid = (isinstance(metadata, dict) and isinstance(metadata.get("nm"), str)
+             and isinstance(metadata.get("targets"), list)
+             and all(isinstance(name, str) for name in metadata["targets"]))
+    if not valid:
+        raise ProxSparseError(f"{str(path)!r} is not proxsparse metadata (no nm and targets): "
+                              f"{fix}")
+    return metadata

@@ -47,6 +47,24 @@ def resolve(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
+def check_device(spec: str | torch.device, flag: str = "--device") -> torch.device:
+    """The torch device ``spec`` names, refused unless this machine has it."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ProxSparseError(f"{flag} {str(spec)!r} is not a torch device: use cpu, cuda, "
+                              "cuda:N or mps") from err
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    available = getattr(backend, "is_available", lambda: False)()
+    count = getattr(backend, "device_count", lambda: 1)() if available else 0
+    if not available or (device.index or 0) >= count:
+        raise ProxSparseError(f"{flag} {str(spec)!r} is not available on this machine "
+                              f"({count} {device.type} device(s) found): use --device cpu")
+    return device
+
+
 def local_source(spec: str) -> Path | None:
     """The local file or directory a model spec reads (for a GGUF, the file), None for a hub id."""
     location, gguf_file = resolve(spec)
@@ -65,6 +83,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = check_device(device)
     location, gguf_file = resolve(spec)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     kwargs["trust_remote_code"] = bool(trust_remote_code)

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from proxsparse.cli import main
 from proxsparse.data import builtin_text
+from proxsparse.errors import ProxSparseError
 from tests.conftest import (
     WritesAMarker,
     make_model,
@@ -101,6 +102,9 @@ def bad_inputs(tmp_path, model_dir):
     bad_log = own_run_dir(tmp_path / "bad-log.run")
     (bad_log / "log.jsonl").write_text("{half a line")
     learn = ["--model", model_dir, "--method", "proxsparse", "--resume", "--run-dir"]
+    proxsparse, maskpro, sparsegpt = (["--model", model_dir, "--method", method]
+                                      for method in ("proxsparse", "maskpro", "sparsegpt"))
+    missing_cuda = "cuda:99" if torch.cuda.is_available() else "cuda"
     return {
         "missing model dir": (["--model", tmp_path / "nope" / "model.gguf"], "not found"),
         "not a checkpoint": (["--model", tmp_path / "notamodel"], "no config.json"),
@@ -136,6 +140,31 @@ def bad_inputs(tmp_path, model_dir):
         "out not writable": (["--model", model_dir, "--out", "/proc/x"], "cannot write"),
         "out under a file": (["--model", model_dir, "--out", tmp_path / "short.txt" / "x"],
                              "cannot write"),
+        "calib is a directory": (["--model", model_dir, "--calib", tmp_path / "notamodel"],
+                                 "is a directory"),
+        "no such device": (["--model", model_dir, "--device", "tpu9"], "not a torch device"),
+        "device not here": (["--model", model_dir, "--device", missing_cuda], "not available"),
+        "w0 device": ([*proxsparse, "--w0-device", "tpu9"], "--w0-device 'tpu9'"),
+        "calib windows 0": (["--model", model_dir, "--calib-windows", 0], "--calib-windows must"),
+        "seqlen 1": (["--model", model_dir, "--seqlen", 1], "--seqlen must be an integer ≥ 2"),
+        "lambda1 < 0": ([*proxsparse, "--lambda1", -1], "--lambda1 must be a finite number ≥ 0"),
+        "lambda1 nan": ([*proxsparse, "--lambda1", "nan"], "--lambda1 must be"),
+        "lambda1 scaling": ([*proxsparse, "--lambda1-scaling", "rms"], "'layer' or 'absolute'"),
+        "lr < 0": ([*proxsparse, "--lr", -1], "--lr must be"),
+        "epsilon 0": ([*proxsparse, "--epsilon", 0], "--epsilon must be a finite number > 0"),
+        "warmup > 1": ([*proxsparse, "--warmup", 2], "--warmup must be a number from 0 to 1"),
+        "batch size 0": ([*proxsparse, "--batch-size", 0], "--batch-size must be"),
+        "steps < 0": ([*proxsparse, "--steps", -5], "--steps must be an integer ≥ 0"),
+        "checkpoint every 0": ([*proxsparse, "--checkpoint-every", 0], "--checkpoint-every"),
+        "log every 0": ([*proxsparse, "--log-every", 0], "--log-every must be"),
+        "norm windows 0": ([*proxsparse, "--norm-windows", 0], "--norm-windows must be"),
+        "logit scale 0": ([*maskpro, "--logit-scale", 0], "--logit-scale must be"),
+        "maskpro steps < 0": ([*maskpro, "--steps", -1], "--steps must be"),
+        "blocksize 0": ([*sparsegpt, "--blocksize", 0], "--blocksize must be a positive"),
+        "blocksize 6": ([*sparsegpt, "--blocksize", 6], "multiple of M=4"),
+        "dampening < 0": ([*sparsegpt, "--dampening", -0.1], "--dampening must be"),
+        "seed too large": (["--model", model_dir, "--seed", 2**64], "--seed must be"),
+        "run dir is a file": ([*proxsparse, "--run-dir", tmp_path / "short.txt"], "is a file"),
         # run files that could run code or lie about the run
         "malicious checkpoint": ([*learn, evil], "objects other than tensors"),
         "corrupt log": ([*learn, bad_log], "bad-log.run/log.jsonl: it is corrupt"),
@@ -174,6 +203,58 @@ def test_bad_inputs_get_one_clear_line_and_write_nothing(tmp_path, capsys, model
         assert snapshot(tmp_path, model_dir) == before, label
 
 
+def bad_files(tmp_path, model_dir):
+    """Label -> (a command on damaged files, text the error line must hold)."""
+    import shutil
+
+    good = tmp_path / "good"
+    assert main(["prune", "--model", str(model_dir), "--method", "magnitude", "--out", str(good),
+                 "--quiet"]) == 0
+
+    def damaged(name, file, change):
+        copy = Path(shutil.copytree(good, tmp_path / name))
+        (copy / file).write_bytes(change((copy / file).read_bytes()))
+        return copy
+
+    def flip(offset):
+        return lambda raw: raw[:offset] + bytes([raw[offset] ^ 0x10]) + raw[offset + 1:]
+
+    masks, meta = "masks.safetensors", "proxsparse.json"
+    return {
+        "mask data flipped": (["verify", damaged("flipped", masks, flip(-3))], "checksum"),
+        "mask header flipped": (["verify", damaged("header", masks, flip(12))], "is damaged"),
+        "mask truncated": (["verify", damaged("truncated", masks, lambda raw: raw[:-7])],
+                           "is damaged"),
+        "mask file empty": (["verify", damaged("empty", masks, lambda raw: b"")], "is damaged"),
+        "metadata not json": (["verify", damaged("json", meta, lambda raw: raw[:-9])],
+                              "is damaged"),
+        "metadata not ours": (["verify", damaged("foreign", meta, lambda raw: b"[1, 2]")],
+                              "not proxsparse metadata"),
+        "eval batch size 0": (["eval", good, "--batch-size", 0], "--batch-size must be"),
+        "eval no such device": (["eval", good, "--device", "tpu9"], "not a torch device"),
+    }
+
+
+def test_damaged_files_get_one_clear_line(tmp_path, capsys, model_dir):
+    for label, (argv, message) in bad_files(tmp_path, model_dir).items():
+        before = snapshot(tmp_path, model_dir)
+        code, _, err = run(capsys, *argv, "--quiet")
+        assert_one_error_line(label, code, err, message)
+        assert snapshot(tmp_path, model_dir) == before, label
+
+
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_debug_shows_the_traceback(capsys, model_dir, monkeypatch, tmp_path, how):
+    argv = ["prune", "--model", model_dir, "--method", "magnitude", "--nm", "4:4", "--out",
+            tmp_path / "out"]
+    if how == "flag":
+        argv.append("--debug")
+    else:
+        monkeypatch.setenv("PROXSPARSE_DEBUG", "1")
+    with pytest.raises(ProxSparseError, match="0 < N < M"):
+        main([str(a) for a in argv])
+
+
 def test_non_empty_output_is_refused_before_work(tmp_path, capsys, model_dir):
     out = tmp_path / "out"
     out.mkdir()
@@ -188,11 +269,11 @@ def test_verify_needs_a_directory(capsys, tmp_path):
     assert code == 2 and "not a directory" in err
 
 
-@pytest.mark.parametrize("argv", [["eval", "x", "--seqlen", "1"], ["eval", "x", "--max-windows",
-                                                                   "0"]])
-def test_eval_rejects_bad_window_settings(capsys, argv):
-    code, _, err = run(capsys, *argv)
-    assert code == 2 and "--seqlen" in err
+@pytest.mark.parametrize("flag, value", [("--seqlen", 1), ("--max-windows", 0),
+                                         ("--batch-size", 0)])
+def test_eval_rejects_bad_window_settings(capsys, flag, value):
+    code, _, err = run(capsys, "eval", "x", flag, value)
+    assert_one_error_line(flag, code, err, f"{flag} must be")
 
 
 def test_warnings_are_one_plain_line(tmp_path, capsys, model_dir):

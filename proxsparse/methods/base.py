@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 from torch import nn
 
+from ..errors import COUNT, SEED, check_options
 from ..models import Target
 from ..nm import NM
-from ..runlog import RunDir, fingerprint
+from ..runlog import RunDir, check_run_dir, fingerprint
 
 
 @dataclass
@@ -30,8 +32,10 @@ class PruneConfig:
     method: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
+        """Every option is checked here, when the config is built (the one place)."""
         self.nm = NM.parse(self.nm)
         self.include, self.ignore = tuple(self.include), tuple(self.ignore)
+        check_options(self, seed=SEED)
 
     def settings(self) -> dict:
         """The method's own knobs, for the export metadata."""
@@ -55,6 +59,12 @@ class LearningConfig(PruneConfig):
     resume: bool = False
     checkpoint_every: int = 50
     log_every: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_options(self, checkpoint_every=COUNT, log_every=COUNT)
+        if self.run_dir:
+            check_run_dir(Path(self.run_dir))
 
     def open_run(self, targets: list[Target], calib: torch.Tensor) -> RunDir:
         """This run's directory. Its checkpoints resume only a run of the same identity: the

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import ProxSparseError
+from ..errors import COUNT, NON_NEGATIVE, POSITIVE, STEPS, ProxSparseError, check_options
 from ..export import load_masks
 from ..models import Target
 from ..nm import NM, groups, pack_mask, topn_mask, unpack_mask
@@ -52,6 +52,11 @@ class MaskProConfig(LearningConfig):
     batch_size: int = 1  # calibration windows per step
     checkpoint_every: int = 100
     method = "maskpro"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_options(self, logit_scale=POSITIVE, lr=NON_NEGATIVE, steps=STEPS,
+                      batch_size=COUNT)
 
 
 # --- sampling N of M without replacement, and the log-probability of the drawn set ---
@@ -191,8 +196,6 @@ class MaskPro(Pruner):
         if nm.n > MAX_N:
             raise ProxSparseError(f"maskpro supports N ≤ {MAX_N} (it sums over the N! orders of "
                                   f"a drawn set), not {nm}; use e.g. 2:4 or 4:8, or proxsparse")
-        if cfg.logit_scale <= 0:
-            raise ProxSparseError(f"--logit-scale must be positive, got {cfg.logit_scale}")
         if not 1 <= cfg.batch_size <= calib.shape[0]:
             raise ProxSparseError(f"--batch-size {cfg.batch_size} must be between 1 and the "
                                   f"{calib.shape[0]} calibration windows")

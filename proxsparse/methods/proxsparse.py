@@ -19,7 +19,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..activations import input_feature_norms
-from ..errors import ProxSparseError
+from ..errors import (
+    COUNT,
+    NON_NEGATIVE,
+    POSITIVE,
+    SHARE,
+    STEPS,
+    ProxSparseError,
+    check_options,
+)
+from ..models import check_device
 from ..nm import NM, groups, topn_mask
 from ..prox import prox_nm
 from ..runlog import DeferredInterrupt
@@ -53,6 +62,15 @@ class ProxSparseConfig(LearningConfig):
     reconstruct: bool = False  # after the mask: re-fit kept weights by SparseGPT's update
     compile_prox: bool = True  # torch.compile the 2:4 prox and λ2 term (models >= 5M weights)
     method = "proxsparse"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_options(self, lambda1=NON_NEGATIVE, lambda1_scaling=("layer", "absolute"),
+                      lambda1_ramp=SHARE, lambda2=NON_NEGATIVE, epsilon=POSITIVE,
+                      lr=NON_NEGATIVE, steps=STEPS, batch_size=COUNT, warmup=SHARE,
+                      max_grad_norm=POSITIVE, norm_windows=COUNT)
+        if self.w0_device:
+            check_device(self.w0_device, flag="--w0-device")
 
 
 def lambda2_term(
@@ -105,9 +123,6 @@ def layer_lambdas(
     """
     if cfg.lambda1_scaling == "absolute":
         return [cfg.lambda1] * len(weights)
-    if cfg.lambda1_scaling != "layer":
-        raise ProxSparseError(f"lambda1_scaling must be 'absolute' or 'layer', "
-                              f"not {cfg.lambda1_scaling!r}")
     column_scales = column_scales or [None] * len(weights)
     scales = torch.stack([
         (w.detach().float() if c is None else w.detach().float() * c).square().mean().sqrt()
