@@ -120,6 +120,11 @@ def bad_inputs(tmp_path, model_dir):
         "nothing matched": (["--model", model_dir, "--ignore", "*"], "no target layer matched"),
         "foreign option": (["--model", model_dir, "--blocksize", "64"],
                            "does not apply to method wanda"),
+        # a learning run given bad input leaves no run directory either
+        "learning, nan weights": ([*proxsparse, "--model", tmp_path / "nan-model"], "NaN or Inf"),
+        "learning, nothing matched": ([*maskpro, "--include", "nope"], "no target layer"),
+        "learning, out not empty": ([*proxsparse, "--out", tmp_path / "papers"], "not empty"),
+        "learning, no windows": ([*proxsparse, "--calib-windows", 0], "--calib-windows must"),
         # outputs that would delete what is not ours
         "out is the working dir": (["--model", model_dir, "--out", ".", "--overwrite"],
                                    "current directory"),

@@ -1,13 +1,18 @@
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 from proxsparse import NM, apply_masks, load_masks, perplexity, prune, save, verify
 from proxsparse.errors import ProxSparseError
-from proxsparse.export import MASK_FILE, METADATA_FILE
+from proxsparse.export import MASK_FILE, METADATA_FILE, read_metadata, save_masks
 from proxsparse.methods import config_for
+from proxsparse.nm import topn_mask
 from tests.conftest import make_model
 
 
@@ -88,3 +93,41 @@ def test_verify_flags_a_dense_group(tokenizer, calib):
     assert not checks["model.layers.0.mlp.up_proj"].valid
     assert checks["model.layers.0.mlp.up_proj"].max_nonzeros == 4
     assert sum(not c.valid for c in checks.values()) == 1
+
+
+def small_masks() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {name: topn_mask(torch.randn(8, 16), NM(2, 4)) for name in ("a.proj", "b.proj")}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_damaged_mask_bytes_are_refused_or_harmless(data):
+    masks = small_masks()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / MASK_FILE
+        save_masks(path, masks, NM(2, 4))
+        raw = bytearray(path.read_bytes())
+        if data.draw(st.booleans()):
+            raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
+        else:
+            raw[data.draw(st.integers(0, len(raw) - 1))] ^= 1 << data.draw(st.integers(0, 7))
+        path.write_bytes(bytes(raw))
+        try:
+            loaded, nm = load_masks(path)
+        except ProxSparseError:
+            return
+        assert nm == NM(2, 4) and loaded.keys() == masks.keys()
+        assert all(torch.equal(loaded[k], masks[k]) for k in masks)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=200))
+def test_any_metadata_bytes_are_refused_or_read(raw):
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / METADATA_FILE).write_bytes(raw)
+        try:
+            metadata = read_metadata(tmp)
+        except ProxSparseError:
+            return
+        assert isinstance(metadata["nm"], str) and isinstance(metadata["targets"], list)
