@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -91,6 +92,7 @@ def save(
     ``out_dir``, all or nothing."""
     out = check_output_dir(out_dir, overwrite).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_copies(out)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -106,6 +108,26 @@ def save(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _remove_stale_copies(out: Path) -> None:
+    """Staging and retired copies of ``out`` (``.<name>.partial-<pid>``, ``.<name>.old-<pid>``)
+    left by a save whose process died (kill -9): no process of that id runs any more."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(partial|old)-([0-9]+)")
+    for path in out.parent.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match and int(match[2]) > 0 and not _process_exists(int(match[2])):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only checked
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
 
 
 def _swap_into_place(staging: Path, out: Path) -> None:

@@ -131,3 +131,20 @@ def test_any_metadata_bytes_are_refused_or_read(raw):
         except ProxSparseError:
             return
         assert isinstance(metadata["nm"], str) and isinstance(metadata["targets"], list)
+
+
+def test_copies_left_by_a_killed_save_are_removed(tmp_path, tokenizer, calib):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    for name in (f".out.partial-{dead}", f".out.old-{dead}", ".out.partial-1",
+                 f".other.partial-{dead}"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"half")
+    model, result = pruned(tokenizer, calib, "magnitude")
+    save(model, tokenizer, tmp_path / "out", result.masks, NM(2, 4), {})
+    # pid 1 still runs; another output's copies are not this save's business
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".other.partial-" + dead, ".out.partial-1", "out"]
