@@ -169,6 +169,7 @@ def find_targets(
         for module in block.modules():
             block_of[id(module)] = index
 
+    holders = _weight_holders(model)
     targets, skipped = [], {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
@@ -185,6 +186,12 @@ def find_targets(
             log.warning("skipping %s: %s", name, reason)
             skipped[name] = reason
             continue
+        others = [holder for holder in holders[id(module.weight)] if holder != name]
+        if others:
+            raise ProxSparseError(
+                f"layer {name} shares its weight with {', '.join(others)} (tied weights): "
+                "pruning it would prune those too; leave it out (--ignore), or untie the "
+                "weights first")
         targets.append(Target(name, module, block_of.get(id(module))))
 
     if not targets:
@@ -194,6 +201,15 @@ def find_targets(
             + ": check the --include/--ignore patterns against the model's linear layer names"
         )
     return targets, skipped
+
+
+def _weight_holders(model: nn.Module) -> dict[int, list[str]]:
+    """Each parameter (by id) -> the names of every module holding it (more than one: tied)."""
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for param in module.parameters(recurse=False):
+            holders.setdefault(id(param), []).append(name)
+    return holders
 
 
 def check_finite(targets: list[Target]) -> None:
