@@ -46,9 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nm", default="2:4", help="N:M pattern (default 2:4)")
     p.add_argument("--calib", default="builtin",
                    help="calibration text: builtin (offline), c4, wikitext2, or a local file")
-    p.add_argument("--calib-windows", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib-windows", type=int, default=128,
+                   help="calibration windows, drawn at random offsets (default 128)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the window draw and of the learning methods (default 0)")
     p.add_argument("--include", action="append", default=[], metavar="PATTERN",
                    help="glob over linear layer names; replaces the default (all linears in the "
                         "decoder blocks). Repeatable")
@@ -112,6 +114,14 @@ def _load(args):
                       trust_remote_code=args.trust_remote_code)
 
 
+def _warn_past_positions(model, seqlen: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seqlen > limit:
+        warnings.warn(f"--seqlen {seqlen} exceeds the {limit} positions this model was made "
+                      f"for: the windows' tail is out of its range; use --seqlen {limit} or less",
+                      stacklevel=2)
+
+
 def _run_dir(args) -> Path:
     """Where a learning run keeps its log, plot and checkpoints: --run-dir or <out>.run."""
     return Path(getattr(args, "run_dir", None) or f"{Path(args.out).resolve()}.run")
@@ -147,6 +157,7 @@ def cmd_prune(args) -> int:
     text = data.load_text(args.calib) if needs_calibration else None  # fail before the load
 
     model, tokenizer = _load(args)
+    _warn_past_positions(model, args.seqlen)
     calib = None
     if needs_calibration:
         ids = data.tokenize(tokenizer, text)
@@ -175,6 +186,7 @@ def cmd_eval(args) -> int:
     check_device(args.device)
     text = data.load_text(args.text)
     model, tokenizer = _load(args)
+    _warn_past_positions(model, args.seqlen)
     ids = data.tokenize(tokenizer, text)
     windows = data.eval_windows(ids, args.seqlen, args.max_windows)
     start = time.perf_counter()

@@ -400,3 +400,9 @@ def test_resume_refuses_other_inputs_and_keeps_a_whole_log(tmp_path, capsys, mod
     assert code == 0, err
     assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == list(range(6))
     assert not (tmp_path / "out.run").exists()
+
+
+def test_seqlen_past_the_model_positions_is_warned(tmp_path, capsys, model_dir):
+    code, _, err = run(capsys, "eval", model_dir, "--text", "builtin", "--seqlen", 300,
+                       "--max-windows", 1, "--quiet")
+    assert code == 0 and "warning: --seqlen 300 exceeds the 256 positions" in err
