@@ -111,7 +111,7 @@ def _load(args):
         transformers.utils.logging.disable_progress_bar()
 
     return load_model(args.model, getattr(torch, args.dtype), args.device,
-                      trust_remote_code=args.trust_remote_code)
+                      trust_remote_code=getattr(args, "trust_remote_code", False))
 
 
 def _warn_past_positions(model, seqlen: int) -> None:
