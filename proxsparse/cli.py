@@ -6,15 +6,17 @@ import argparse
 import dataclasses
 import json
 import logging
-import shutil
+import os
+import signal
 import sys
 import time
 import warnings
 from pathlib import Path
 
-from .errors import ProxSparseError
+from .errors import COUNT, WINDOW, ProxSparseError, check_options
 from .methods import PRUNERS, PruneConfig
-from .runlog import RunDir
+from .methods.base import LearningConfig
+from .runlog import CHECKPOINT_FILE, RunDir
 
 SHARED_FIELDS = {f.name for f in dataclasses.fields(PruneConfig)}
 
@@ -44,16 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nm", default="2:4", help="N:M pattern (default 2:4)")
     p.add_argument("--calib", default="builtin",
                    help="calibration text: builtin (offline), c4, wikitext2, or a local file")
-    p.add_argument("--calib-windows", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib-windows", type=int, default=128,
+                   help="calibration windows, drawn at random offsets (default 128)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the window draw and of the learning methods (default 0)")
     p.add_argument("--include", action="append", default=[], metavar="PATTERN",
                    help="glob over linear layer names; replaces the default (all linears in the "
                         "decoder blocks). Repeatable")
     p.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                    help="glob of linear layer names to leave dense. Repeatable")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier proxsparse output at --out (only a directory with "
+                        "a proxsparse.json; never the model or the working directory)")
     _add_runtime_args(p)
     group = p.add_argument_group("method options")
     for name, (kind, defaults) in method_options().items():
@@ -136,6 +142,11 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the Python code a model ships (auto_map in its config.json); off: "
+                        "such a model is refused. Only for code you have read and trust")
+    p.add_argument("--debug", action="store_true",
+                   help="show the Python traceback of an error (or set PROXSPARSE_DEBUG=1)")
 
 
 def _load(args):
@@ -147,12 +158,27 @@ def _load(args):
     if args.quiet:
         transformers.utils.logging.disable_progress_bar()
 
-    return load_model(args.model, getattr(torch, args.dtype), args.device)
+    return load_model(args.model, getattr(torch, args.dtype), args.device,
+                      trust_remote_code=getattr(args, "trust_remote_code", False))
+
+
+def _warn_past_positions(model, seqlen: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seqlen > limit:
+        warnings.warn(f"--seqlen {seqlen} exceeds the {limit} positions this model was made "
+                      f"for: the windows' tail is out of its range; use --seqlen {limit} or less",
+                      stacklevel=2)
+
+
+def _run_dir(args) -> Path:
+    """Where a learning run keeps its log, plot and checkpoints: --run-dir or <out>.run."""
+    return Path(getattr(args, "run_dir", None) or f"{Path(args.out).resolve()}.run")
 
 
 def cmd_prune(args) -> int:
     from . import api, data, export
     from .methods import config_for
+    from .models import check_device, local_source
 
     method_settings = {}
     for name, (_, methods) in method_options().items():
@@ -164,20 +190,22 @@ def cmd_prune(args) -> int:
             raise ProxSparseError(f"{flag} does not apply to method {args.method}; "
                                   f"it is an option of {', '.join(sorted(methods))}")
         method_settings[name] = value
+    learning = issubclass(PRUNERS[args.method].config_class, LearningConfig)
+    if learning:  # log, plot and checkpoints live here, written once the learning starts
+        method_settings["run_dir"] = str(_run_dir(args))
+    context = {"model": args.model, "calib": args.calib, "calib_windows": args.calib_windows,
+               "seqlen": args.seqlen}  # with N:M and the settings: what --resume must match
     config = config_for(args.method, nm=args.nm, include=args.include, ignore=args.ignore,
-                        seed=args.seed, **method_settings)
-    run_dir = None
-    if hasattr(config, "run_dir"):  # learning methods: log, plot and checkpoints live here
-        config.run_dir = config.run_dir or f"{Path(args.out).resolve()}.run"
-        run_dir = RunDir(config.run_dir, resume=True)
-    for value, flag in ((args.calib_windows, "--calib-windows"), (args.seqlen, "--seqlen")):
-        if value < 1:
-            raise ProxSparseError(f"{flag} must be a positive integer, got {value}")
-    export.check_output_dir(args.out, args.overwrite)
+                        seed=args.seed, context=context, **method_settings)
+    check_options(args, calib_windows=COUNT, seqlen=WINDOW)
+    export.check_output_dir(args.out, args.overwrite, local_source(args.model),
+                            Path(config.run_dir) if learning else None)
+    check_device(args.device)
     needs_calibration = PRUNERS[args.method].needs_calibration
     text = data.load_text(args.calib) if needs_calibration else None  # fail before the load
 
     model, tokenizer = _load(args)
+    _warn_past_positions(model, args.seqlen)
     calib = None
     if needs_calibration:
         ids = data.tokenize(tokenizer, text)
@@ -186,11 +214,10 @@ def cmd_prune(args) -> int:
     metadata = api.describe(result, model, model_source=args.model, calibration={
         "source": args.calib, "windows": args.calib_windows, "seqlen": args.seqlen,
         "seed": args.seed} if calib is not None else None)
+    run_dir = RunDir(config.run_dir if learning else None)
     out = export.save(model, tokenizer, args.out, result.masks, config.nm, metadata,
-                      overwrite=args.overwrite,
-                      extra_files=tuple(run_dir.files()) if run_dir else ())
-    if run_dir is not None:  # the log and plot now live in the output; the checkpoint is done
-        shutil.rmtree(run_dir.path, ignore_errors=True)
+                      overwrite=args.overwrite, extra_files=tuple(run_dir.files()))
+    run_dir.remove()  # the log and plot now live in the output; the checkpoint is done
     sparsity = sum(s["sparsity"] for s in metadata["layers"].values()) / len(result.masks)
     print(f"pruned {len(result.masks)} layers to {config.nm} with {args.method} in "
           f"{result.seconds:.1f}s (mean sparsity {sparsity:.3f}); "
@@ -201,11 +228,13 @@ def cmd_prune(args) -> int:
 def cmd_eval(args) -> int:
     from . import data
     from .evaluate import perplexity
+    from .models import check_device
 
-    if args.seqlen < 2 or args.max_windows < 1:
-        raise ProxSparseError("--seqlen must be ≥ 2 and --max-windows ≥ 1")
+    check_options(args, seqlen=WINDOW, max_windows=COUNT, batch_size=COUNT)
+    check_device(args.device)
     text = data.load_text(args.text)
     model, tokenizer = _load(args)
+    _warn_past_positions(model, args.seqlen)
     ids = data.tokenize(tokenizer, text)
     windows = data.eval_windows(ids, args.seqlen, args.max_windows)
     start = time.perf_counter()
@@ -226,11 +255,10 @@ def cmd_verify(args) -> int:
     if not Path(args.model).is_dir():
         raise ProxSparseError(f"{args.model!r} is not a directory: give a saved checkpoint")
     metadata = export.read_metadata(args.model)
+    masks = export.load_masks(args.model)[0] if metadata is not None else None
     model, _ = _load(args)
-    masks = None
     if metadata is not None:
         nm, names = NM.parse(metadata["nm"]), metadata["targets"]
-        masks, _ = export.load_masks(args.model)
     else:
         nm = NM.parse(args.nm or "2:4")
         names = [t.name for t in find_targets(model, nm)[0]]
@@ -288,12 +316,13 @@ def _load_packed_model(args, *, sparsify: bool):
 
 def cmd_pack(args) -> int:
     from . import export
+    from .models import local_source
     from .runtime import packed_layers, sparsify
     from .runtime.checkpoint import write_packed
     from .runtime.speed import model_bytes
 
     layers, nm = _checkpoint_targets(args.model, args.nm)
-    export.check_output_dir(args.out, args.overwrite)
+    export.check_output_dir(args.out, args.overwrite, local_source(args.model))
     model, tokenizer = _load(args)
     if packed_layers(model):
         raise ProxSparseError(f"{args.model} is already packed")
@@ -398,12 +427,21 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _show_warning
             return COMMANDS[args.command](args)
     except ProxSparseError as err:
+        if getattr(args, "debug", False) or os.environ.get("PROXSPARSE_DEBUG", "0") != "0":
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = " (learning runs: add --resume to continue)" if args.command == "prune" else ""
-        print(f"interrupted{hint}", file=sys.stderr)
+        if argv is None:  # the program, not a caller: another Ctrl-C now ends it, silently
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+        print(f"interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
+
+
+def _resume_hint(args) -> str:
+    """After Ctrl-C: how to continue, when a learning run has left a checkpoint."""
+    resumable = args.command == "prune" and (_run_dir(args) / CHECKPOINT_FILE).is_file()
+    return " (add --resume to continue from the checkpoint)" if resumable else ""
 
 
 if __name__ == "__main__":

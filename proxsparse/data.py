@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ProxSparseError
+from .errors import ProxSparseError, first_line
 
 HUB_SOURCES = ("c4", "wikitext2")
 C4_SHARD = "en/c4-train.00000-of-01024.json.gz"
@@ -43,6 +43,9 @@ def _read_local(path: Path) -> str:
             f"text source {str(path)!r} not found: give an existing .txt/.jsonl/.parquet file, "
             "'builtin' (offline), 'c4' or 'wikitext2' (download)"
         )
+    if not path.is_file():
+        raise ProxSparseError(f"text source {str(path)!r} is a directory: give a .txt, .jsonl "
+                              "or .parquet file")
     suffix = path.suffix.lower()
     try:
         if suffix == ".jsonl":
@@ -65,6 +68,9 @@ def _read_local(path: Path) -> str:
         raise ProxSparseError(message) from err
     except json.JSONDecodeError as err:
         message = f"{path}: a line is not JSON ({err.msg}); write one object per line"
+        raise ProxSparseError(message) from err
+    except (OSError, ValueError) as err:  # unreadable, or a damaged parquet file
+        message = f"{path}: cannot read it ({first_line(err)}); check the file"
         raise ProxSparseError(message) from err
     if not text.strip():
         raise ProxSparseError(f"{path}: the file holds no text; give a file with text in it")

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ProxSparseError
+from .errors import ProxSparseError, first_line
 from .nm import NM
 
 log = logging.getLogger(__name__)
@@ -47,38 +47,75 @@ def resolve(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
+def check_device(spec: str | torch.device, flag: str = "--device") -> torch.device:
+    """The torch device ``spec`` names, refused unless this machine has it."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ProxSparseError(f"{flag} {str(spec)!r} is not a torch device: use cpu, cuda, "
+                              "cuda:N or mps") from err
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    available = getattr(backend, "is_available", lambda: False)()
+    count = getattr(backend, "device_count", lambda: 1)() if available else 0
+    if not available or (device.index or 0) >= count:
+        raise ProxSparseError(f"{flag} {str(spec)!r} is not available on this machine "
+                              f"({count} {device.type} device(s) found): use --device cpu")
+    return device
+
+
+def local_source(spec: str) -> Path | None:
+    """The local file or directory a model spec reads (for a GGUF, the file), None for a hub id."""
+    location, gguf_file = resolve(spec)
+    path = Path(location) / gguf_file if gguf_file else Path(location)
+    return path if path.exists() else None
+
+
 def load_model(
-    spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
 ) -> tuple[nn.Module, object]:
-    """Load ``(model, tokenizer)`` from a hub id, a directory, a ``.gguf`` file or an alias."""
+    """Load ``(model, tokenizer)`` from a hub id, a directory, a ``.gguf`` file or an alias.
+
+    A model that ships its own Python code (``auto_map`` in its config) is refused unless
+    ``trust_remote_code``: that code would run here. transformers is never left to ask.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = check_device(device)
     location, gguf_file = resolve(spec)
-    if gguf_file is None and Path(location).is_dir():
-        from .runtime.checkpoint import is_packed_checkpoint, load_packed
+    from .runtime.checkpoint import is_packed_checkpoint, load_packed
 
-        if is_packed_checkpoint(location):  # straight into packed layers
-            from transformers import AutoTokenizer
-
-            return load_packed(location, dtype, device), AutoTokenizer.from_pretrained(location)
+    packed = gguf_file is None and is_packed_checkpoint(location)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    kwargs["trust_remote_code"] = bool(trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+        if packed:  # straight into packed layers: no dense target weight is materialised
+            model = load_packed(location, dtype, device)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
     except ProxSparseError:
         raise
     except OSError as err:
         if Path(location).exists():
-            raise ProxSparseError(f"cannot load model {spec!r}: {_first_line(err)}") from err
+            raise ProxSparseError(f"cannot load model {spec!r}: {first_line(err)}") from err
         raise ProxSparseError(
             f"cannot load model {spec!r}: not a local path, and the Hugging Face hub could not "
             "provide it (no network, or no such repo); give a local directory, a .gguf file, "
             "or the alias smollm2-135m"
         ) from err
     except Exception as err:  # corrupt files surface as many exception types
+        if "trust_remote_code" in str(err):
+            raise ProxSparseError(
+                f"model {spec!r} ships its own Python code (auto_map in its config), which "
+                "proxsparse does not run: read it, and pass --trust-remote-code only if you "
+                "trust it"
+            ) from err
         raise ProxSparseError(
             f"cannot load model {spec!r}: the files look corrupt or unsupported "
-            f"({type(err).__name__}: {_first_line(err)})"
+            f"({type(err).__name__}: {first_line(err)})"
         ) from err
     if gguf_file:
         _forget_gguf_origin(model)
@@ -96,11 +133,6 @@ def _forget_gguf_origin(model: nn.Module) -> None:
             delattr(model, name)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 # --- target layers ---
@@ -143,6 +175,7 @@ def find_targets(
         for module in block.modules():
             block_of[id(module)] = index
 
+    holders = _weight_holders(model)
     targets, skipped = [], {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
@@ -159,6 +192,12 @@ def find_targets(
             log.warning("skipping %s: %s", name, reason)
             skipped[name] = reason
             continue
+        others = [holder for holder in holders[id(module.weight)] if holder != name]
+        if others:
+            raise ProxSparseError(
+                f"layer {name} shares its weight with {', '.join(others)} (tied weights): "
+                "pruning it would prune those too; leave it out (--ignore), or untie the "
+                "weights first")
         targets.append(Target(name, module, block_of.get(id(module))))
 
     if not targets:
@@ -168,6 +207,15 @@ def find_targets(
             + ": check the --include/--ignore patterns against the model's linear layer names"
         )
     return targets, skipped
+
+
+def _weight_holders(model: nn.Module) -> dict[int, list[str]]:
+    """Each parameter (by id) -> the names of every module holding it (more than one: tied)."""
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for param in module.parameters(recurse=False):
+            holders.setdefault(id(param), []).append(name)
+    return holders
 
 
 def check_finite(targets: list[Target]) -> None:

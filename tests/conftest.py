@@ -80,3 +80,39 @@ def can_compile() -> bool:
     """torch.compile on the CPU builds C++: it needs a compiler and the Python headers."""
     compiler = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     return bool(compiler) and (Path(sysconfig.get_paths()["include"]) / "Python.h").exists()
+
+
+class WritesAMarker:
+    """Unpickling this calls open(marker, "w"): a stand-in for any code a pickle can run."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def own_run_dir(path):
+    """A run directory as a proxsparse run leaves it (with its marker file)."""
+    from proxsparse.runlog import RunDir
+
+    RunDir(path).save_checkpoint({"step": 1})
+    return path
+
+
+def write_custom_code_model(path, model_dir, marker) -> Path:
+    """A copy of ``model_dir`` whose config names its own Python code (``auto_map``); importing
+    that code writes ``marker``."""
+    import json
+
+    shutil.copytree(model_dir, path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="evil-llama", auto_map={
+        "AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"})
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                  "from transformers import LlamaConfig, LlamaForCausalLM\n"
+                                  "class EvilConfig(LlamaConfig):\n    model_type = 'evil-llama'\n"
+                                  "class EvilModel(LlamaForCausalLM):\n"
+                                  "    config_class = EvilConfig\n")
+    return path

@@ -1,13 +1,18 @@
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 from proxsparse import NM, apply_masks, load_masks, perplexity, prune, save, verify
 from proxsparse.errors import ProxSparseError
-from proxsparse.export import MASK_FILE, METADATA_FILE
+from proxsparse.export import MASK_FILE, METADATA_FILE, read_metadata, save_masks
 from proxsparse.methods import config_for
+from proxsparse.nm import topn_mask
 from tests.conftest import make_model
 
 
@@ -70,9 +75,14 @@ def test_existing_output_needs_overwrite(tmp_path, tokenizer, calib):
     (tmp_path / "out" / "keep.txt").write_text("mine")
     with pytest.raises(ProxSparseError, match="--overwrite"):
         save(model, tokenizer, tmp_path / "out", result.masks, NM(2, 4), {})
-    save(model, tokenizer, tmp_path / "out", result.masks, NM(2, 4), {}, overwrite=True)
-    assert not (tmp_path / "out" / "keep.txt").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(ProxSparseError, match="not a proxsparse output"):  # it deletes
+        save(model, tokenizer, tmp_path / "out", result.masks, NM(2, 4), {}, overwrite=True)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    save(model, tokenizer, tmp_path / "new", result.masks, NM(2, 4), {})
+    (tmp_path / "new" / "stale.txt").write_text("from the earlier run")
+    save(model, tokenizer, tmp_path / "new", result.masks, NM(2, 4), {}, overwrite=True)
+    assert not (tmp_path / "new" / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out"]
 
 
 def test_verify_flags_a_dense_group(tokenizer, calib):
@@ -83,3 +93,58 @@ def test_verify_flags_a_dense_group(tokenizer, calib):
     assert not checks["model.layers.0.mlp.up_proj"].valid
     assert checks["model.layers.0.mlp.up_proj"].max_nonzeros == 4
     assert sum(not c.valid for c in checks.values()) == 1
+
+
+def small_masks() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {name: topn_mask(torch.randn(8, 16), NM(2, 4)) for name in ("a.proj", "b.proj")}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_damaged_mask_bytes_are_refused_or_harmless(data):
+    masks = small_masks()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / MASK_FILE
+        save_masks(path, masks, NM(2, 4))
+        raw = bytearray(path.read_bytes())
+        if data.draw(st.booleans()):
+            raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
+        else:
+            raw[data.draw(st.integers(0, len(raw) - 1))] ^= 1 << data.draw(st.integers(0, 7))
+        path.write_bytes(bytes(raw))
+        try:
+            loaded, nm = load_masks(path)
+        except ProxSparseError:
+            return
+        assert nm == NM(2, 4) and loaded.keys() == masks.keys()
+        assert all(torch.equal(loaded[k], masks[k]) for k in masks)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=200))
+def test_any_metadata_bytes_are_refused_or_read(raw):
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / METADATA_FILE).write_bytes(raw)
+        try:
+            metadata = read_metadata(tmp)
+        except ProxSparseError:
+            return
+        assert isinstance(metadata["nm"], str) and isinstance(metadata["targets"], list)
+
+
+def test_copies_left_by_a_killed_save_are_removed(tmp_path, tokenizer, calib):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    for name in (f".out.partial-{dead}", f".out.old-{dead}", ".out.partial-1",
+                 f".other.partial-{dead}"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"half")
+    model, result = pruned(tokenizer, calib, "magnitude")
+    save(model, tokenizer, tmp_path / "out", result.masks, NM(2, 4), {})
+    # pid 1 still runs; another output's copies are not this save's business
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".other.partial-" + dead, ".out.partial-1", "out"]

@@ -186,7 +186,7 @@ def test_interrupted_run_resumes_to_the_same_mask(tokenizer, calib, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         learn(tokenizer, calib, run_dir=run_dir, **settings)
     monkeypatch.setattr(method, "_draw", real_draw)
-    assert torch.load(f"{run_dir}/checkpoint.pt", weights_only=False)["step"] == 4
+    assert torch.load(f"{run_dir}/checkpoint.pt", weights_only=True)["step"] == 4
 
     resumed = learn(tokenizer, calib, run_dir=run_dir, resume=True, **settings)[2].masks
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)

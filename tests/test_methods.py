@@ -52,6 +52,13 @@ def test_include_and_ignore(model):
         find_targets(model, NM(2, 4), ignore=("*",))
 
 
+def test_a_weight_tied_to_the_embeddings_is_refused(model):
+    model.lm_head.weight = model.model.embed_tokens.weight
+    with pytest.raises(ProxSparseError, match="shares its weight with model.embed_tokens"):
+        find_targets(model, NM(2, 4), include=("lm_head",))
+    assert len(find_targets(model, NM(2, 4))[0]) == 14  # the blocks' own layers are fine
+
+
 def test_nan_weights_are_refused(model, calib):
     with torch.no_grad():
         model.model.layers[1].self_attn.q_proj.weight[0, 0] = float("nan")

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 from torch import nn
 
+from ..errors import COUNT, SEED, check_options
 from ..models import Target
 from ..nm import NM
+from ..runlog import RunDir, check_run_dir, fingerprint
 
 
 @dataclass
@@ -22,12 +25,17 @@ class PruneConfig:
     ignore: tuple[str, ...] = ()
     seed: int = 0
     hyperparameters: dict = field(default_factory=dict, repr=False, compare=False)
+    # What the caller knows of the inputs (model id, calibration source, windows, seqlen): part
+    # of a learning run's identity, so that --resume refuses a run on other inputs.
+    context: dict = field(default_factory=dict, repr=False, compare=False)
 
     method: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
+        """Every option is checked here, when the config is built (the one place)."""
         self.nm = NM.parse(self.nm)
         self.include, self.ignore = tuple(self.include), tuple(self.ignore)
+        check_options(self, seed=SEED)
 
     def settings(self) -> dict:
         """The method's own knobs, for the export metadata."""
@@ -40,7 +48,7 @@ class PruneConfig:
         bookkeeping = {"run_dir", "resume", "log_every", "checkpoint_every"}
         return {**{k: v for k, v in self.settings().items() if k not in bookkeeping},
                 "nm": str(self.nm), "seed": self.seed, "include": list(self.include),
-                "ignore": list(self.ignore)}
+                "ignore": list(self.ignore), **self.context}
 
 
 @dataclass
@@ -51,6 +59,21 @@ class LearningConfig(PruneConfig):
     resume: bool = False
     checkpoint_every: int = 50
     log_every: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_options(self, checkpoint_every=COUNT, log_every=COUNT)
+        if self.run_dir:
+            check_run_dir(Path(self.run_dir))
+
+    def open_run(self, targets: list[Target], calib: torch.Tensor) -> RunDir:
+        """This run's directory. Its checkpoints resume only a run of the same identity: the
+        settings, the ``context``, a fingerprint of the target weights (taken now, before any
+        learning) and one of the calibration tokens."""
+        identity = {**self.identity(),
+                    "weights": fingerprint([t.module.weight for t in targets]),
+                    "calibration": fingerprint([calib], samples=calib.numel())}
+        return RunDir(self.run_dir or None, resume=self.resume, identity=identity)
 
 
 class Pruner(ABC):

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import ProxSparseError
+from ..errors import COUNT, NON_NEGATIVE, POSITIVE, STEPS, ProxSparseError, check_options
 from ..export import load_masks
 from ..models import Target
 from ..nm import NM, groups, pack_mask, topn_mask, unpack_mask
@@ -52,6 +52,11 @@ class MaskProConfig(LearningConfig):
     batch_size: int = 1  # calibration windows per step
     checkpoint_every: int = 100
     method = "maskpro"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_options(self, logit_scale=POSITIVE, lr=NON_NEGATIVE, steps=STEPS,
+                      batch_size=COUNT)
 
 
 # --- sampling N of M without replacement, and the log-probability of the drawn set ---
@@ -191,13 +196,11 @@ class MaskPro(Pruner):
         if nm.n > MAX_N:
             raise ProxSparseError(f"maskpro supports N ≤ {MAX_N} (it sums over the N! orders of "
                                   f"a drawn set), not {nm}; use e.g. 2:4 or 4:8, or proxsparse")
-        if cfg.logit_scale <= 0:
-            raise ProxSparseError(f"--logit-scale must be positive, got {cfg.logit_scale}")
         if not 1 <= cfg.batch_size <= calib.shape[0]:
             raise ProxSparseError(f"--batch-size {cfg.batch_size} must be between 1 and the "
                                   f"{calib.shape[0]} calibration windows")
         device = targets[0].module.weight.device
-        run = RunDir(cfg.run_dir or None, resume=cfg.resume)
+        run = cfg.open_run(targets, calib)
         state = self._restore(run) if cfg.resume else None
 
         def by_position(x: torch.Tensor) -> torch.Tensor:
@@ -239,7 +242,7 @@ class MaskPro(Pruner):
         bar = tqdm(range(start, cfg.steps), desc="maskpro", disable=not progress,
                    initial=start, total=cfg.steps)
         try:
-            with DeferredInterrupt() as interrupt, torch.no_grad():
+            with run, DeferredInterrupt() as interrupt, torch.no_grad():
                 for step in bar:
                     windows = self._windows(step, calib.shape[0])
                     self._fill_prior_losses(model, layers, calib, windows, prior_loss, known)
@@ -272,8 +275,7 @@ class MaskPro(Pruner):
             with torch.no_grad():
                 for layer in layers:
                     layer.weight.copy_(layer.pretrained)
-        run.flush()
-        run.plot(f"MaskPro {nm}: prior={cfg.prior}, C={cfg.logit_scale}, lr={cfg.lr}")
+        run.finish(f"MaskPro {nm}: prior={cfg.prior}, C={cfg.logit_scale}, lr={cfg.lr}")
         if int(self._changed(layers)) == 0:
             warnings.warn(f"MaskPro ended on its prior mask: no group's top-{nm.n} logits changed "
                           f"in {cfg.steps} steps, so the result is the {cfg.prior!r} mask. More "
@@ -382,7 +384,9 @@ class MaskPro(Pruner):
             "prior_loss": prior_loss.cpu(),
             "known": known.clone(),
             "generator": generator.get_state(),
-        }, self.config.identity())
+        })
 
     def _restore(self, run: RunDir) -> dict | None:
-        return run.load_checkpoint(self.config.identity())
+        return run.load_checkpoint({
+            "step": int, "priors": list, "offsets": list, "baseline": torch.Tensor,
+            "prior_loss": torch.Tensor, "known": torch.Tensor, "generator": torch.Tensor})

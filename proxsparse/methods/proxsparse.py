@@ -19,10 +19,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..activations import input_feature_norms
-from ..errors import ProxSparseError
+from ..errors import (
+    COUNT,
+    NON_NEGATIVE,
+    POSITIVE,
+    SHARE,
+    STEPS,
+    ProxSparseError,
+    check_options,
+)
+from ..models import check_device
 from ..nm import NM, groups, topn_mask
 from ..prox import prox_nm
-from ..runlog import DeferredInterrupt, RunDir
+from ..runlog import DeferredInterrupt
 from .base import LearningConfig, Pruner
 from .sparsegpt import reconstruct
 
@@ -53,6 +62,15 @@ class ProxSparseConfig(LearningConfig):
     reconstruct: bool = False  # after the mask: re-fit kept weights by SparseGPT's update
     compile_prox: bool = True  # torch.compile the 2:4 prox and λ2 term (models >= 5M weights)
     method = "proxsparse"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_options(self, lambda1=NON_NEGATIVE, lambda1_scaling=("layer", "absolute"),
+                      lambda1_ramp=SHARE, lambda2=NON_NEGATIVE, epsilon=POSITIVE,
+                      lr=NON_NEGATIVE, steps=STEPS, batch_size=COUNT, warmup=SHARE,
+                      max_grad_norm=POSITIVE, norm_windows=COUNT)
+        if self.w0_device:
+            check_device(self.w0_device, flag="--w0-device")
 
 
 def lambda2_term(
@@ -105,9 +123,6 @@ def layer_lambdas(
     """
     if cfg.lambda1_scaling == "absolute":
         return [cfg.lambda1] * len(weights)
-    if cfg.lambda1_scaling != "layer":
-        raise ProxSparseError(f"lambda1_scaling must be 'absolute' or 'layer', "
-                              f"not {cfg.lambda1_scaling!r}")
     column_scales = column_scales or [None] * len(weights)
     scales = torch.stack([
         (w.detach().float() if c is None else w.detach().float() * c).square().mean().sqrt()
@@ -207,7 +222,7 @@ class ProxSparse(Pruner):
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, steps, cfg.warmup))
-        run = RunDir(cfg.run_dir or None, resume=cfg.resume)
+        run = cfg.open_run(targets, calib)
         start = self._restore(run, trainable, optimizer, schedule, steps) if cfg.resume else 0
 
         device = weights[0].device
@@ -218,7 +233,7 @@ class ProxSparse(Pruner):
         bar = tqdm(range(start, steps), desc="proxsparse", disable=not progress,
                    initial=start, total=steps)
         try:
-            with DeferredInterrupt() as interrupt:
+            with run, DeferredInterrupt() as interrupt:
                 for step in bar:
                     batch = self._batch(calib, step, cfg).to(device)
                     loss = model(batch, labels=batch, use_cache=False).loss
@@ -248,8 +263,7 @@ class ProxSparse(Pruner):
             model.train(was_training)
             for param, flag in requires_grad.items():
                 param.requires_grad_(flag)
-        run.flush()
-        run.plot(f"ProxSparse {cfg.nm}: λ1={cfg.lambda1}, λ2={cfg.lambda2}, lr={cfg.lr}")
+        run.finish(f"ProxSparse {cfg.nm}: λ1={cfg.lambda1}, λ2={cfg.lambda2}, lr={cfg.lr}")
 
         masks = {}
         with torch.no_grad():
@@ -309,10 +323,11 @@ class ProxSparse(Pruner):
             "params": [p.detach().cpu() for p in trainable],
             "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(),
-        }, self.config.identity())
+        })
 
     def _restore(self, run, trainable, optimizer, schedule, steps) -> int:
-        state = run.load_checkpoint(self.config.identity())
+        state = run.load_checkpoint({
+            "step": int, "params": list, "optimizer": dict, "schedule": dict})
         if state is None:
             return 0
         with torch.no_grad():

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..blockwise import prune_blockwise
-from ..errors import ProxSparseError
+from ..errors import COUNT, NON_NEGATIVE, ProxSparseError, check_options
 from ..nm import NM, topn_mask
 from .base import PruneConfig, Pruner
 
@@ -24,6 +24,13 @@ class SparseGPTConfig(PruneConfig):
     blocksize: int = 128
     dampening: float = 0.01  # share of the mean Hessian diagonal added to the diagonal
     method = "sparsegpt"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_options(self, blocksize=COUNT, dampening=NON_NEGATIVE)
+        if self.blocksize % self.nm.m:
+            raise ProxSparseError(f"--blocksize must be a multiple of M={self.nm.m} (the columns "
+                                  f"of a group), got {self.blocksize}")
 
 
 def hessian(inputs: torch.Tensor) -> torch.Tensor:
