@@ -251,12 +251,15 @@ def cmd_verify(args) -> int:
     from . import export
     from .models import find_targets
     from .nm import NM
+    from .runtime import densify as ps_densify
 
     if not Path(args.model).is_dir():
         raise ProxSparseError(f"{args.model!r} is not a directory: give a saved checkpoint")
     metadata = export.read_metadata(args.model)
-    masks = export.load_masks(args.model)[0] if metadata is not None else None
+    has_masks = metadata is not None and (Path(args.model) / export.MASK_FILE).is_file()
+    masks = export.load_masks(args.model)[0] if has_masks else None
     model, _ = _load(args)
+    ps_densify(model)  # a packed checkpoint is checked on its unpacked weights
     if metadata is not None:
         nm, names = NM.parse(metadata["nm"]), metadata["targets"]
     else:
@@ -329,6 +332,7 @@ def cmd_pack(args) -> int:
     dense_bytes = model_bytes(model)
     sparsify(model, nm, backend="reference", layers=layers, values_dtype=_dtype(args.values_dtype))
     metadata = export.read_metadata(args.model) or {"nm": str(nm)}
+    metadata.setdefault("targets", sorted(packed_layers(model)))
     with export.staged_output(args.out, args.overwrite) as staging:
         metadata["packed"] = write_packed(model, staging)
         model.config.save_pretrained(staging)

@@ -343,3 +343,21 @@ def test_speed_reports_both_forms(pruned_dir, capsys):
     assert result["packed_layers"] == 14 and result["backend"] == "cpu"
     assert result["dense"]["decode_tokens_per_s"] > 0 and result["packed"]["model_bytes"] > 0
     assert result["target_bytes_ratio"] == pytest.approx(2.125 / 4, rel=0.05)
+
+
+def test_verify_checks_a_packed_checkpoint(tmp_path, pruned_dir, model_dir, capsys):
+    from proxsparse.cli import main
+
+    for source, name in ((pruned_dir, "packed"), (model_dir, "dense-packed")):
+        out = tmp_path / name
+        nm_flag = [] if source == pruned_dir else ["--nm", "2:4"]
+        if source == model_dir:  # a plain checkpoint made N:M by hand, without metadata
+            source = tmp_path / "by-hand"
+            model, tokenizer = ps.load_model(model_dir)
+            ps.prune(model, ps.config_for("magnitude"), None, progress=False)
+            model.save_pretrained(source)
+            tokenizer.save_pretrained(source)
+        assert main(["pack", str(source), str(out), *nm_flag, "--quiet"]) == 0
+        capsys.readouterr()
+        assert main(["verify", str(out), "--quiet"]) == 0
+        assert "14/14 layers valid 2:4" in capsys.readouterr().out
