@@ -112,7 +112,7 @@ def test_kernel_equals_the_dense_layer(out, groups, tokens, isa, bf16, holes, sc
 
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 7, 8, 15, 16, 17, 64])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 7, 8, 15, 16, 17, 64, 129])
 def test_kernel_batch_sizes_and_threads(threads, tokens):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -138,6 +138,17 @@ def test_reference_and_kernel_agree(isa):
 
 
 @needs_kernel
+@pytest.mark.parametrize("values_dtype", [None, torch.bfloat16])
+def test_prefill_unpacks_slab_by_slab(values_dtype):
+    backend = CpuKernel()
+    backend.max_kernel_tokens, backend.slab_bytes = 4, 1  # slabs of 8 rows, a ragged last one
+    linear = linear_of(nm_weight(203, 4 * 75, NM(), seed=9))
+    layer = PackedLinear.from_linear(linear, backend=backend, values_dtype=values_dtype)
+    for tokens in (5, 33):
+        check_layer(layer, linear, tokens, values_dtype=values_dtype)
+
+
+@needs_kernel
 def test_the_kernel_layout_restores_the_canonical_format():
     linear = linear_of(nm_weight(37, 4 * 21, NM(), seed=5))
     layer = PackedLinear.from_linear(linear, backend="cpu")
@@ -154,7 +165,7 @@ def test_kernel_unpack_into_bf16_and_fp16():
     layer = PackedLinear.from_linear(linear, backend="cpu")
     for dtype in (torch.bfloat16, torch.float16):
         dense = torch.empty(16, 64, dtype=dtype)
-        nm24().unpack(layer.tiles, 16, 64, 1, torch.float32, dense)
+        nm24().unpack(layer.tiles, 16, 64, 1, torch.float32, dense, 0)
         assert torch.equal(dense, linear.weight.detach().to(dtype))
 
 

@@ -73,13 +73,39 @@ class CpuKernel(Backend):
     """The compiled 2:4 kernel over its tiled layout (8 rows x 64 inputs per tile)."""
 
     name = "cpu"
-    max_kernel_tokens = 16  # more tokens per call: unpack + dense matrix product
+    max_kernel_tokens = 128  # more tokens per call (prefill): unpack + dense matrix product
+    slab_bytes = 8 * 2**20  # rows unpacked at a time for the dense product: stays in cache
 
     def __init__(self, isa: str = "best") -> None:
         if isa != "best" and isa not in ISAS:
             raise ProxSparseError(f"unknown instruction set {isa!r}: best or one of {list(ISAS)}")
         self.isa = -1 if isa == "best" else ISAS[isa]
         self._buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def _unpacked_product(self, layer: PackedLinear, x: torch.Tensor, pairs: int) -> torch.Tensor:
+        """Prefill: compute-bound, so the dense matrix product wins. The weight is unpacked a
+        slab of rows at a time into a cache-sized workspace and multiplied at once, so the
+        dense weight never travels to memory (a small layer is one slab)."""
+        out, in_features = layer.out_features, layer.in_features
+        flat = x.reshape(-1, in_features)
+        rows = max(ROWS_PER_BLOCK, self.slab_bytes // (in_features * x.element_size())
+                   // ROWS_PER_BLOCK * ROWS_PER_BLOCK)
+        workspace = self._workspace(min(rows, out) * in_features, x.dtype)
+        if rows >= out:
+            weight = workspace.view(out, in_features)
+            nm24().unpack(layer.tiles, out, in_features, pairs, layer.values_dtype, weight, 0)
+            return F.linear(x, weight, _bias(layer, x))
+        y = torch.empty(flat.shape[0], out, dtype=x.dtype)
+        part = torch.empty(flat.shape[0], rows, dtype=x.dtype)
+        for row0 in range(0, out, rows):
+            slab = workspace[: min(rows, out - row0) * in_features].view(-1, in_features)
+            nm24().unpack(layer.tiles, out, in_features, pairs, layer.values_dtype, slab, row0)
+            block = part[:, : slab.shape[0]]
+            torch.mm(flat, slab.T, out=block)
+            y[:, row0 : row0 + slab.shape[0]] = block
+        if layer.bias is not None:
+            y += layer.bias.to(x.dtype)
+        return y.view(*x.shape[:-1], out)
 
     def _workspace(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """One dense buffer, reused by every layer's prefill: freshly allocated memory would
@@ -135,10 +161,8 @@ class CpuKernel(Backend):
         tiles, dtype = layer.tiles, layer.values_dtype
         pairs = math.ceil(math.ceil(in_features / 32) / WORDS_PER_TILE)
         tokens = x.numel() // in_features
-        if tokens > self.max_kernel_tokens:  # prefill: compute-bound, the dense GEMM wins
-            weight = self._workspace(out * in_features, x.dtype).view(out, in_features)
-            nm24().unpack(tiles, out, in_features, pairs, dtype, weight)
-            return F.linear(x, weight, _bias(layer, x))
+        if tokens > self.max_kernel_tokens:
+            return self._unpacked_product(layer, x, pairs)
         flat = x.reshape(tokens, in_features).to(torch.float32)
         if pairs * 64 != in_features:
             flat = F.pad(flat, (0, pairs * 64 - in_features))

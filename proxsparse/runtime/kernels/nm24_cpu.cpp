@@ -8,7 +8,9 @@
 //   block and pair of words, one tile of bytes:
 //     [2 words][8 rows] uint32 positions   (64 bytes)
 //     [2 words][8 rows][16] kept values    (fp32: 1024 bytes, bf16: 512 bytes)
-//   Tiles follow each other block by block, so each thread reads one contiguous stream.
+//   Tiles follow each other block by block, so each thread reads one contiguous stream, which
+//   the hardware prefetcher follows (software prefetching measured slower: 1.5-1.7x against
+//   1.8-2.1x over dense at batch 1).
 //
 // Each kept value picks its input with an in-register permute of the word's 32 inputs
 // (AVX-512: vpermt2ps; AVX2: two vpermps and a blend): no memory gather. x must be fp32,
@@ -28,7 +30,6 @@ using bf16 = at::BFloat16;
 
 constexpr int kRows = 8;          // rows per block
 constexpr int kWordsPerTile = 2;  // words per tile
-constexpr int kPrefetchBytes = 4096;
 
 inline float to_float(float v) { return v; }
 inline float to_float(bf16 v) { return static_cast<float>(v); }
@@ -97,9 +98,6 @@ __attribute__((target("avx512f"))) void block_avx512(const Shape& s, const float
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
   for (int64_t p = 0; p < s.pairs; ++p) {
     const uint8_t* tile = tiles + p * tile_bytes<V>();
-    for (int64_t line = 0; line < tile_bytes<V>(); line += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(tile + kPrefetchBytes + line), _MM_HINT_T0);
-    }
     const uint32_t* pos = reinterpret_cast<const uint32_t*>(tile);
     const V* val = reinterpret_cast<const V*>(tile + kWordsPerTile * kRows * 4);
     for (int h = 0; h < kWordsPerTile; ++h) {
@@ -317,14 +315,17 @@ at::Tensor nm24_matmul(const at::Tensor& x, const at::Tensor& tiles, int64_t out
 }
 
 // The dense [out, in] weight (in `out_dtype`): the kept values at their positions, else 0.
-// `dense` is written in place (a reused workspace: a fresh 100 MB buffer costs more in page
-// faults than the unpacking itself).
+// Rows [row0, row0 + dense.size(0)) of the dense weight, written into `dense` in place (a
+// reused workspace: a fresh 100 MB buffer costs more in page faults than the unpacking).
 void nm24_unpack(const at::Tensor& tiles, int64_t out, int64_t in, int64_t pairs,
-                 at::ScalarType dtype, at::Tensor& dense) {
+                 at::ScalarType dtype, at::Tensor& dense, int64_t row0) {
   check_tiles(tiles, out, pairs, dtype);
   TORCH_CHECK(in <= 64 * pairs, "in_features exceeds the padded width");
-  TORCH_CHECK(dense.is_contiguous() && dense.dim() == 2 && dense.size(0) == out &&
-                  dense.size(1) == in, "dense must be a contiguous [out, in] tensor");
+  const int64_t rows = dense.size(0);
+  TORCH_CHECK(dense.is_contiguous() && dense.dim() == 2 && dense.size(1) == in,
+              "dense must be a contiguous [rows, in] tensor");
+  TORCH_CHECK(row0 % kRows == 0 && row0 >= 0 && row0 + rows <= out,
+              "row0 must be a multiple of 8 and the rows inside the weight");
   const at::ScalarType out_dtype = dense.scalar_type();
   const bool wide = best_isa() == Isa::kAvx512;
   // the vector path writes every column; the scalar one only the kept ones
@@ -334,8 +335,8 @@ void nm24_unpack(const at::Tensor& tiles, int64_t out, int64_t in, int64_t pairs
     using O = decltype(out_tag);
     const uint8_t* tp = tiles.data_ptr<uint8_t>();
     O* dp = dense.data_ptr<O>();
-    const int64_t blocks = (out + kRows - 1) / kRows;
-    at::parallel_for(0, blocks, grain_blocks(pairs), [&](int64_t b0, int64_t b1) {
+    const int64_t first = row0 / kRows, last = (row0 + rows + kRows - 1) / kRows;
+    at::parallel_for(first, last, grain_blocks(pairs), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         for (int64_t p = 0; p < pairs; ++p) {
           const uint8_t* tile = tp + (b * pairs + p) * tile_bytes<V>();
@@ -343,8 +344,8 @@ void nm24_unpack(const at::Tensor& tiles, int64_t out, int64_t in, int64_t pairs
           const V* val = reinterpret_cast<const V*>(tile + kWordsPerTile * kRows * 4);
           for (int h = 0; h < kWordsPerTile; ++h) {
             for (int r = 0; r < kRows; ++r) {
-              const int64_t row = b * kRows + r;
-              if (row >= out) break;
+              const int64_t row = b * kRows + r - row0;  // in dense
+              if (row >= rows) break;
               const uint32_t bits = pos[h * kRows + r];
               if constexpr (std::is_same_v<O, float>) {
                 if (wide) {
