@@ -208,7 +208,9 @@ class CudaSemiStructured(Backend):
         return pack(layer.weight.to_dense(), layer.nm)
 
     def linear(self, layer, x):
-        return F.linear(x, layer.weight, _bias(layer, x))
+        flat = x.reshape(-1, layer.in_features)  # the sparse product takes 2-D inputs
+        y = F.linear(flat, layer.weight, _bias(layer, x))
+        return y.view(*x.shape[:-1], layer.out_features)
 
 
 BACKENDS: dict[str, type[Backend]] = {cls.name: cls for cls in (CpuKernel, CudaSemiStructured,
