@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,7 +177,7 @@ def find_targets(
             block_of[id(module)] = index
 
     holders = _weight_holders(model)
-    targets, skipped = [], {}
+    targets, skipped, sizes = [], {}, set()
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
@@ -188,9 +189,8 @@ def find_targets(
         if any(fnmatch.fnmatchcase(name, p) for p in ignore):
             continue
         if module.in_features % nm.m:
-            reason = f"input size {module.in_features} is not a multiple of M={nm.m}"
-            log.warning("skipping %s: %s", name, reason)
-            skipped[name] = reason
+            skipped[name] = f"input size {module.in_features} is not a multiple of M={nm.m}"
+            sizes.add(module.in_features)
             continue
         others = [holder for holder in holders[id(module.weight)] if holder != name]
         if others:
@@ -200,6 +200,10 @@ def find_targets(
                 "weights first")
         targets.append(Target(name, module, block_of.get(id(module))))
 
+    if not targets and skipped:
+        raise ProxSparseError(_no_layer_fits(nm, sorted(sizes)))
+    for name, reason in skipped.items():
+        log.warning("skipping %s: %s", name, reason)
     if not targets:
         raise ProxSparseError(
             "no target layer matched"
@@ -207,6 +211,22 @@ def find_targets(
             + ": check the --include/--ignore patterns against the model's linear layer names"
         )
     return targets, skipped
+
+
+def _no_layer_fits(nm: NM, sizes: list[int]) -> str:
+    """Why every candidate layer was skipped, and a pattern that fits their input sizes."""
+    common = math.gcd(*sizes)
+    fits = [p for p in (NM(2, 4), NM(4, 8), NM(1, 4), NM(1, 2)) if common % p.m == 0]
+    if not fits and common > 1:  # the smallest factor the sizes share
+        factor = next(d for d in range(2, common + 1) if common % d == 0)
+        fits = [NM(max(1, factor // 2), factor)]
+    shown = ", ".join(map(str, sizes[:8])) + (", ..." if len(sizes) > 8 else "")
+    message = (f"no target layer fits {nm}: every candidate layer's input size ({shown}) is "
+               f"not a multiple of M={nm.m}; ")
+    if fits:
+        return message + f"use a pattern whose M divides them, e.g. --nm {fits[0]}"
+    return message + ("no M > 1 divides them all: choose layers whose sizes share a factor "
+                      "with --include")
 
 
 def _weight_holders(model: nn.Module) -> dict[int, list[str]]:

@@ -112,6 +112,9 @@ def bad_inputs(tmp_path, model_dir):
         "hub unreachable": (["--model", "no-such-org/no-such-model"], "local directory"),
         "n >= m": (["--model", model_dir, "--nm", "4:4"], "0 < N < M"),
         "non-numeric nm": (["--model", model_dir, "--nm", "two:four"], "two integers"),
+        "m divides no width": (["--model", model_dir, "--nm", "2:3"],
+                               "input size (64, 128) is not a multiple of M=3; use a pattern "
+                               "whose M divides them, e.g. --nm 2:4"),
         "empty calib": (["--model", model_dir, "--calib", tmp_path / "empty.txt"], "no text"),
         "short calib": (["--model", model_dir, "--calib", tmp_path / "short.txt"],
                         "shorter than one window"),
