@@ -91,6 +91,8 @@ def load_model(
     packed = gguf_file is None and is_packed_checkpoint(location)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     kwargs["trust_remote_code"] = bool(trust_remote_code)
+    if not Path(location).exists():  # a hub id
+        kwargs.update(_hub_access(spec))
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
         if packed:  # straight into packed layers: no dense target weight is materialised
@@ -122,6 +124,63 @@ def load_model(
         _forget_gguf_origin(model)
     model.to(device).eval()
     return model, tokenizer
+
+
+_NOT_FOUND_FIX = "give a local directory, a .gguf file, a hub id or the alias smollm2-135m"
+_TRANSPORTS = {"httpx", "httpx2", "httpcore", "requests", "urllib3", "ssl", "socket"}
+
+
+def _hub_access(repo_id: str) -> dict[str, bool]:
+    """Ask the hub once, without retries, for the model's config (a timeout of
+    ``HF_HUB_ETAG_TIMEOUT`` seconds) before transformers fetches anything: an unknown id, or a
+    hub that cannot be reached, is one clear error at once rather than a minute of retries.
+    Unreachable with the model in the local cache: load it from there (the extra loading
+    arguments returned). Offline mode (``HF_HUB_OFFLINE=1``) is left to transformers."""
+    import huggingface_hub
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as err:
+        raise ProxSparseError(f"model {repo_id!r} not found: no such local path, and not a hub "
+                              f"id (name or owner/name); {_NOT_FOUND_FIX}") from err
+    if huggingface_hub.is_offline_mode():
+        return {}
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, "config.json"),
+                             timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except GatedRepoError as err:
+        raise ProxSparseError(f"model {repo_id!r} is gated on the Hugging Face hub: accept its "
+                              "terms on its hub page and log in (hf auth login)") from err
+    except RepositoryNotFoundError as err:
+        raise ProxSparseError(f"no model {repo_id!r} on the Hugging Face hub (or it is private: "
+                              f"log in with hf auth login); {_NOT_FOUND_FIX}") from err
+    except HfHubHTTPError:
+        return {}  # the hub answered (e.g. no config.json): transformers says what is wrong
+    except Exception as err:
+        if not _is_network_error(err):
+            raise
+        if _in_local_cache(repo_id):
+            return {"local_files_only": True}
+        raise ProxSparseError(
+            f"cannot load model {repo_id!r}: the Hugging Face hub ({constants.ENDPOINT}) cannot "
+            f"be reached ({first_line(err)}) and the model is not in the local cache; check the "
+            f"network, or {_NOT_FOUND_FIX}") from err
+    return {}
+
+
+def _is_network_error(err: BaseException) -> bool:
+    """A failure of the connection itself (refused, DNS, timeout, TLS), not an HTTP answer."""
+    return isinstance(err, OSError) or any(
+        cls.__module__.split(".")[0] in _TRANSPORTS for cls in type(err).__mro__)
+
+
+def _in_local_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
 def _forget_gguf_origin(model: nn.Module) -> None:
