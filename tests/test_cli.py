@@ -501,3 +501,38 @@ def test_a_reachable_hub_loads_as_before(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
     assert _hub_access("some-org/tiny") == {}  # online: transformers downloads as it always did
     assert asked and asked[0].endswith("/some-org/tiny/resolve/main/config.json")
+
+
+def test_prune_help_describes_every_method_option(capsys, monkeypatch):
+    import dataclasses
+
+    from proxsparse.cli import method_options
+    from proxsparse.methods import PRUNERS
+    from proxsparse.methods.base import field_help
+
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option: no wrapping
+    with pytest.raises(SystemExit) as done:
+        main(["prune", "--help"])
+    assert done.value.code == 0
+    entries = []  # one per option: its line, and the next one where the name is long
+    for line in capsys.readouterr().out.split("method options:")[1].splitlines():
+        if line.startswith("  -"):
+            entries.append(line)
+        elif line.strip():
+            entries[-1] += line
+    described = {" ".join(entry.split()[:1]).rstrip(","): " ".join(entry.split())
+                 for entry in entries}
+    assert len(described) == len(method_options())
+    for method, cls in PRUNERS.items():
+        for field in dataclasses.fields(cls.config_class):
+            if field.name in ("hyperparameters", "context"):
+                continue  # what the caller knows, not a setting
+            text = field_help(cls.config_class, field.name)  # every setting has one
+            assert len(text) > 20, (method, field.name)
+            flag = "--" + field.name.replace("_", "-")
+            if flag in described:
+                assert text in described[flag], (method, flag)
+                assert method in described[flag], (method, flag)
+    assert "--steps STEPS proxsparse: optimizer steps; 0: one pass over the calibration windows" \
+        in described["--steps"]
+    assert "maskpro; default 50 for proxsparse, 100 for maskpro" in described["--checkpoint-every"]
