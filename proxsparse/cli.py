@@ -179,7 +179,8 @@ def _load(args):
         transformers.utils.logging.disable_progress_bar()
 
     return load_model(args.model, getattr(torch, args.dtype), args.device,
-                      trust_remote_code=getattr(args, "trust_remote_code", False))
+                      trust_remote_code=getattr(args, "trust_remote_code", False),
+                      progress=not args.quiet)
 
 
 def _warn_past_positions(model, seqlen: int) -> None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import importlib.util
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,12 +78,14 @@ def local_source(spec: str) -> Path | None:
 
 def load_model(
     spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-    trust_remote_code: bool = False,
+    trust_remote_code: bool = False, progress: bool = True,
 ) -> tuple[nn.Module, object]:
     """Load ``(model, tokenizer)`` from a hub id, a directory, a ``.gguf`` file or an alias.
 
     A model that ships its own Python code (``auto_map`` in its config) is refused unless
     ``trust_remote_code``: that code would run here. transformers is never left to ask.
+    ``progress=False`` hides the GGUF conversion's progress bar (transformers' own bars follow
+    ``transformers.utils.logging.disable_progress_bar``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -98,7 +103,8 @@ def load_model(
         if packed:  # straight into packed layers: no dense target weight is materialised
             model = load_packed(location, dtype, device)
         else:
-            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+            with _gguf_progress(enabled=progress or not gguf_file):
+                model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
     except ProxSparseError:
         raise
     except OSError as err:
@@ -181,6 +187,26 @@ def _in_local_cache(repo_id: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
     return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+@contextmanager
+def _gguf_progress(enabled: bool) -> Iterator[None]:
+    """transformers converts GGUF tensors under a plain ``tqdm.auto`` bar, which its own
+    ``disable_progress_bar`` does not reach (nor ``TQDM_DISABLE``, read when tqdm is imported):
+    while loading, that module's ``tqdm`` is a disabled one."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # no gguf support here: there is no bar either
+        gguf_utils = None
+    bar = getattr(gguf_utils, "tqdm", None)
+    if enabled or bar is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def _forget_gguf_origin(model: nn.Module) -> None:

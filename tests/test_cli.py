@@ -536,3 +536,23 @@ def test_prune_help_describes_every_method_option(capsys, monkeypatch):
     assert "--steps STEPS proxsparse: optimizer steps; 0: one pass over the calibration windows" \
         in described["--steps"]
     assert "maskpro; default 50 for proxsparse, 100 for maskpro" in described["--checkpoint-every"]
+
+
+def test_quiet_silences_the_gguf_conversion_bar(capsys):
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from proxsparse.models import _gguf_progress
+
+    def convert():  # as transformers converts a GGUF file's tensors
+        for _ in gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+
+    capsys.readouterr()
+    with _gguf_progress(enabled=False):
+        convert()
+    assert capsys.readouterr().err == ""
+    with _gguf_progress(enabled=True):
+        convert()
+    assert "de-quantizing GGUF tensors" in capsys.readouterr().err
+    convert()  # restored after the load
+    assert "de-quantizing GGUF tensors" in capsys.readouterr().err
