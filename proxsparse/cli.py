@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import COUNT, WINDOW, ProxSparseError, check_options
 from .methods import PRUNERS, PruneConfig
-from .methods.base import LearningConfig
+from .methods.base import LearningConfig, field_default_text, field_help
 from .runlog import CHECKPOINT_FILE, RunDir
 
 SHARED_FIELDS = {f.name for f in dataclasses.fields(PruneConfig)}
@@ -33,6 +33,28 @@ def method_options() -> dict[str, tuple[type, dict[str, object]]]:
     return options
 
 
+def method_option_help(name: str) -> str:
+    """``--help`` of a method option, from its config field's description: one text with the
+    default per method, or, where methods mean different things by it, one text per method."""
+    configs = {method: cls.config_class for method, cls in PRUNERS.items()
+               if name in {f.name for f in dataclasses.fields(cls.config_class)}}
+    texts = {method: field_help(cls, name) for method, cls in configs.items()}
+    defaults = {method: field_default_text(cls, name) for method, cls in configs.items()}
+    if len(set(texts.values())) == 1:
+        if len(set(defaults.values())) == 1:
+            default = next(iter(defaults.values()))
+        else:
+            default = ", ".join(f"{value} for {method}" for method, value in defaults.items())
+        return f"{next(iter(texts.values()))} ({', '.join(configs)}; default {default})"
+    return "; ".join(f"{method}: {texts[method]} (default {defaults[method]})"
+                     for method in configs)
+
+
+def _shared_help(name: str, extra: str = "") -> str:
+    """``--help`` of a setting every method shares, from PruneConfig's description."""
+    return field_help(PruneConfig, name) + extra
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="proxsparse", description="Learned N:M (2:4) sparsity for causal language models."
@@ -43,29 +65,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True,
                    help="hub id, checkpoint directory, .gguf file, or alias smollm2-135m")
     p.add_argument("--method", required=True, choices=list(PRUNERS))
-    p.add_argument("--nm", default="2:4", help="N:M pattern (default 2:4)")
+    p.add_argument("--nm", default="2:4", help=_shared_help("nm", " (default 2:4)"))
     p.add_argument("--calib", default="builtin",
                    help="calibration text: builtin (offline), c4, wikitext2, or a local file")
     p.add_argument("--calib-windows", type=int, default=128,
                    help="calibration windows, drawn at random offsets (default 128)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the window draw and of the learning methods (default 0)")
+                   help=_shared_help("seed", ", and of the calibration window draw (default 0)"))
     p.add_argument("--include", action="append", default=[], metavar="PATTERN",
-                   help="glob over linear layer names; replaces the default (all linears in the "
-                        "decoder blocks). Repeatable")
+                   help=_shared_help("include", ". Repeatable"))
     p.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
-                   help="glob of linear layer names to leave dense. Repeatable")
+                   help=_shared_help("ignore", ". Repeatable"))
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier proxsparse output at --out (only a directory with "
                         "a proxsparse.json; never the model or the working directory)")
     _add_runtime_args(p)
     group = p.add_argument_group("method options")
-    for name, (kind, defaults) in method_options().items():
+    for name, (kind, _) in method_options().items():
         flag = "--" + name.replace("_", "-")
-        hint = "default " + ", ".join(f"{default} ({method})" for method, default in
-                                      defaults.items())
+        hint = method_option_help(name).replace("%", "%%")  # argparse formats help with %
         if kind is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                default=None, help=hint)
@@ -159,7 +179,8 @@ def _load(args):
         transformers.utils.logging.disable_progress_bar()
 
     return load_model(args.model, getattr(torch, args.dtype), args.device,
-                      trust_remote_code=getattr(args, "trust_remote_code", False))
+                      trust_remote_code=getattr(args, "trust_remote_code", False),
+                      progress=not args.quiet)
 
 
 def _warn_past_positions(model, seqlen: int) -> None:

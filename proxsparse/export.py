@@ -13,6 +13,8 @@ import json
 import os
 import re
 import shutil
+import struct
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .errors import ProxSparseError, first_line
@@ -150,10 +152,52 @@ def _swap_into_place(staging: Path, out: Path) -> None:
 
 
 def save_masks(path: Path, masks: dict[str, torch.Tensor], nm: NM) -> None:
+    """Write the packed masks; the same masks give the same bytes, in any process."""
     tensors = {name: pack_mask(mask, nm) for name, mask in masks.items()}
     header = {"nm": str(nm), "shapes": json.dumps({name: list(mask.shape)
-                                                   for name, mask in masks.items()})}
-    save_file(tensors, str(path), metadata={**header, "sha256": _mask_digest(header, tensors)})
+                                                   for name, mask in masks.items()},
+                                                  sort_keys=True)}
+    write_safetensors(path, tensors, {**header, "sha256": _mask_digest(header, tensors)})
+
+
+# safetensors' names of the torch dtypes written here
+_SAFETENSORS_DTYPES = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
+    torch.int32: "I32", torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.float32: "F32", torch.float64: "F64",
+}
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str]) -> None:
+    """A safetensors file whose bytes depend on the tensors and metadata alone.
+
+    safetensors' own writer keeps the metadata in a hash map, so the order of its keys (and the
+    file's bytes) changes from process to process. Here: the 8-byte little-endian length of a
+    JSON header with sorted keys (each tensor's dtype, shape and data offsets, tensors in name
+    order, and ``__metadata__``), padded with spaces to a multiple of 8, then the tensors' raw
+    little-endian bytes in name order.
+    """
+    if sys.byteorder != "little":  # the format is little-endian; raw bytes here are native
+        raise ProxSparseError("writing safetensors needs a little-endian machine")
+    header: dict[str, object] = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"cannot write a {tensor.dtype} tensor ({name}) to safetensors")
+        raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(text)))
+        handle.write(text)
+        for raw in chunks:
+            handle.write(raw)
 
 
 def _mask_digest(header: dict[str, str], packed: dict[str, torch.Tensor]) -> str:

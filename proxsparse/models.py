@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import importlib.util
 import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,12 +78,14 @@ def local_source(spec: str) -> Path | None:
 
 def load_model(
     spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-    trust_remote_code: bool = False,
+    trust_remote_code: bool = False, progress: bool = True,
 ) -> tuple[nn.Module, object]:
     """Load ``(model, tokenizer)`` from a hub id, a directory, a ``.gguf`` file or an alias.
 
     A model that ships its own Python code (``auto_map`` in its config) is refused unless
     ``trust_remote_code``: that code would run here. transformers is never left to ask.
+    ``progress=False`` hides the GGUF conversion's progress bar (transformers' own bars follow
+    ``transformers.utils.logging.disable_progress_bar``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -90,12 +96,15 @@ def load_model(
     packed = gguf_file is None and is_packed_checkpoint(location)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     kwargs["trust_remote_code"] = bool(trust_remote_code)
+    if not Path(location).exists():  # a hub id
+        kwargs.update(_hub_access(spec))
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
         if packed:  # straight into packed layers: no dense target weight is materialised
             model = load_packed(location, dtype, device)
         else:
-            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+            with _gguf_progress(enabled=progress or not gguf_file):
+                model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
     except ProxSparseError:
         raise
     except OSError as err:
@@ -121,6 +130,83 @@ def load_model(
         _forget_gguf_origin(model)
     model.to(device).eval()
     return model, tokenizer
+
+
+_NOT_FOUND_FIX = "give a local directory, a .gguf file, a hub id or the alias smollm2-135m"
+_TRANSPORTS = {"httpx", "httpx2", "httpcore", "requests", "urllib3", "ssl", "socket"}
+
+
+def _hub_access(repo_id: str) -> dict[str, bool]:
+    """Ask the hub once, without retries, for the model's config (a timeout of
+    ``HF_HUB_ETAG_TIMEOUT`` seconds) before transformers fetches anything: an unknown id, or a
+    hub that cannot be reached, is one clear error at once rather than a minute of retries.
+    Unreachable with the model in the local cache: load it from there (the extra loading
+    arguments returned). Offline mode (``HF_HUB_OFFLINE=1``) is left to transformers."""
+    import huggingface_hub
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as err:
+        raise ProxSparseError(f"model {repo_id!r} not found: no such local path, and not a hub "
+                              f"id (name or owner/name); {_NOT_FOUND_FIX}") from err
+    if huggingface_hub.is_offline_mode():
+        return {}
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, "config.json"),
+                             timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except GatedRepoError as err:
+        raise ProxSparseError(f"model {repo_id!r} is gated on the Hugging Face hub: accept its "
+                              "terms on its hub page and log in (hf auth login)") from err
+    except RepositoryNotFoundError as err:
+        raise ProxSparseError(f"no model {repo_id!r} on the Hugging Face hub (or it is private: "
+                              f"log in with hf auth login); {_NOT_FOUND_FIX}") from err
+    except HfHubHTTPError:
+        return {}  # the hub answered (e.g. no config.json): transformers says what is wrong
+    except Exception as err:
+        if not _is_network_error(err):
+            raise
+        if _in_local_cache(repo_id):
+            return {"local_files_only": True}
+        raise ProxSparseError(
+            f"cannot load model {repo_id!r}: the Hugging Face hub ({constants.ENDPOINT}) cannot "
+            f"be reached ({first_line(err)}) and the model is not in the local cache; check the "
+            f"network, or {_NOT_FOUND_FIX}") from err
+    return {}
+
+
+def _is_network_error(err: BaseException) -> bool:
+    """A failure of the connection itself (refused, DNS, timeout, TLS), not an HTTP answer."""
+    return isinstance(err, OSError) or any(
+        cls.__module__.split(".")[0] in _TRANSPORTS for cls in type(err).__mro__)
+
+
+def _in_local_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+@contextmanager
+def _gguf_progress(enabled: bool) -> Iterator[None]:
+    """transformers converts GGUF tensors under a plain ``tqdm.auto`` bar, which its own
+    ``disable_progress_bar`` does not reach (nor ``TQDM_DISABLE``, read when tqdm is imported):
+    while loading, that module's ``tqdm`` is a disabled one."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # no gguf support here: there is no bar either
+        gguf_utils = None
+    bar = getattr(gguf_utils, "tqdm", None)
+    if enabled or bar is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def _forget_gguf_origin(model: nn.Module) -> None:
@@ -176,7 +262,7 @@ def find_targets(
             block_of[id(module)] = index
 
     holders = _weight_holders(model)
-    targets, skipped = [], {}
+    targets, skipped, sizes = [], {}, set()
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
@@ -188,9 +274,8 @@ def find_targets(
         if any(fnmatch.fnmatchcase(name, p) for p in ignore):
             continue
         if module.in_features % nm.m:
-            reason = f"input size {module.in_features} is not a multiple of M={nm.m}"
-            log.warning("skipping %s: %s", name, reason)
-            skipped[name] = reason
+            skipped[name] = f"input size {module.in_features} is not a multiple of M={nm.m}"
+            sizes.add(module.in_features)
             continue
         others = [holder for holder in holders[id(module.weight)] if holder != name]
         if others:
@@ -200,6 +285,10 @@ def find_targets(
                 "weights first")
         targets.append(Target(name, module, block_of.get(id(module))))
 
+    if not targets and skipped:
+        raise ProxSparseError(_no_layer_fits(nm, sorted(sizes)))
+    for name, reason in skipped.items():
+        log.warning("skipping %s: %s", name, reason)
     if not targets:
         raise ProxSparseError(
             "no target layer matched"
@@ -207,6 +296,22 @@ def find_targets(
             + ": check the --include/--ignore patterns against the model's linear layer names"
         )
     return targets, skipped
+
+
+def _no_layer_fits(nm: NM, sizes: list[int]) -> str:
+    """Why every candidate layer was skipped, and a pattern that fits their input sizes."""
+    common = math.gcd(*sizes)
+    fits = [p for p in (NM(2, 4), NM(4, 8), NM(1, 4), NM(1, 2)) if common % p.m == 0]
+    if not fits and common > 1:  # the smallest factor the sizes share
+        factor = next(d for d in range(2, common + 1) if common % d == 0)
+        fits = [NM(max(1, factor // 2), factor)]
+    shown = ", ".join(map(str, sizes[:8])) + (", ..." if len(sizes) > 8 else "")
+    message = (f"no target layer fits {nm}: every candidate layer's input size ({shown}) is "
+               f"not a multiple of M={nm.m}; ")
+    if fits:
+        return message + f"use a pattern whose M divides them, e.g. --nm {fits[0]}"
+    return message + ("no M > 1 divides them all: choose layers whose sizes share a factor "
+                      "with --include")
 
 
 def _weight_holders(model: nn.Module) -> dict[int, list[str]]:

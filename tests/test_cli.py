@@ -112,6 +112,9 @@ def bad_inputs(tmp_path, model_dir):
         "hub unreachable": (["--model", "no-such-org/no-such-model"], "local directory"),
         "n >= m": (["--model", model_dir, "--nm", "4:4"], "0 < N < M"),
         "non-numeric nm": (["--model", model_dir, "--nm", "two:four"], "two integers"),
+        "m divides no width": (["--model", model_dir, "--nm", "2:3"],
+                               "input size (64, 128) is not a multiple of M=3; use a pattern "
+                               "whose M divides them, e.g. --nm 2:4"),
         "empty calib": (["--model", model_dir, "--calib", tmp_path / "empty.txt"], "no text"),
         "short calib": (["--model", model_dir, "--calib", tmp_path / "short.txt"],
                         "shorter than one window"),
@@ -406,3 +409,150 @@ def test_seqlen_past_the_model_positions_is_warned(tmp_path, capsys, model_dir):
     code, _, err = run(capsys, "eval", model_dir, "--text", "builtin", "--seqlen", 300,
                        "--max-windows", 1, "--quiet")
     assert code == 0 and "warning: --seqlen 300 exceeds the 256 positions" in err
+
+
+def run_process(*argv, endpoint: str, cache: Path):
+    """The command in a fresh process, online (no HF_HUB_OFFLINE) against ``endpoint``."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT=endpoint, HF_HUB_CACHE=str(cache), OMP_NUM_THREADS="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    return subprocess.run([sys.executable, "-m", "proxsparse.cli", *map(str, argv)],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def prune_hub_id(tmp_path, model, endpoint):
+    return run_process("prune", "--model", model, "--method", "magnitude", "--out",
+                       tmp_path / "out", "--quiet", endpoint=endpoint, cache=tmp_path / "cache")
+
+
+def test_unreachable_hub_is_one_line_without_retries(tmp_path):
+    # nothing listens on port 9: every connection is refused at once
+    done = prune_hub_id(tmp_path, "no-such-org/no-such-model", "http://127.0.0.1:9")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: cannot load model 'no-such-org/no-such-model': the "
+                                  "Hugging Face hub (http://127.0.0.1:9) cannot be reached")
+    assert done.stderr.count("\n") == 1 and "Retry" not in done.stderr, done.stderr
+    assert done.stdout == "" and not (tmp_path / "out").exists()
+
+
+def test_unreachable_hub_loads_a_cached_model(tmp_path, model_dir):
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--some-org--tiny"
+    shutil.copytree(model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    done = prune_hub_id(tmp_path, "some-org/tiny", "http://127.0.0.1:9")
+    assert done.returncode == 0, done.stderr
+    assert "pruned 14 layers to 2:4" in done.stdout and "Retry" not in done.stderr
+
+
+def test_hub_without_the_repo_is_one_line(tmp_path):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class NoSuchRepo(BaseHTTPRequestHandler):
+        def do_HEAD(self):  # what the hub answers for an id it does not have
+            self.send_response(401)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("X-Error-Message", "Repository not found")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NoSuchRepo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        done = prune_hub_id(tmp_path, "no-such-org/no-such-model",
+                            f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: no model 'no-such-org/no-such-model' on the Hugging "
+                                  "Face hub"), done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+
+
+def test_a_missing_path_that_is_no_hub_id_is_not_looked_up(tmp_path, capsys):
+    code, _, err = run(capsys, "prune", "--model", tmp_path / "missing", "--method",
+                       "magnitude", "--out", tmp_path / "out")
+    assert_one_error_line("missing path", code, err, "no such local path, and not a hub id")
+
+
+def test_a_reachable_hub_loads_as_before(monkeypatch):
+    import huggingface_hub
+
+    from proxsparse.models import _hub_access
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata",
+                        lambda url, timeout: asked.append(url))
+    assert _hub_access("some-org/tiny") == {} and asked == []  # offline (the tests): not asked
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
+    assert _hub_access("some-org/tiny") == {}  # online: transformers downloads as it always did
+    assert asked and asked[0].endswith("/some-org/tiny/resolve/main/config.json")
+
+
+def test_prune_help_describes_every_method_option(capsys, monkeypatch):
+    import dataclasses
+
+    from proxsparse.cli import method_options
+    from proxsparse.methods import PRUNERS
+    from proxsparse.methods.base import field_help
+
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option: no wrapping
+    with pytest.raises(SystemExit) as done:
+        main(["prune", "--help"])
+    assert done.value.code == 0
+    entries = []  # one per option: its line, and the next one where the name is long
+    for line in capsys.readouterr().out.split("method options:")[1].splitlines():
+        if line.startswith("  -"):
+            entries.append(line)
+        elif line.strip():
+            entries[-1] += line
+    described = {" ".join(entry.split()[:1]).rstrip(","): " ".join(entry.split())
+                 for entry in entries}
+    assert len(described) == len(method_options())
+    for method, cls in PRUNERS.items():
+        for field in dataclasses.fields(cls.config_class):
+            if field.name in ("hyperparameters", "context"):
+                continue  # what the caller knows, not a setting
+            text = field_help(cls.config_class, field.name)  # every setting has one
+            assert len(text) > 20, (method, field.name)
+            flag = "--" + field.name.replace("_", "-")
+            if flag in described:
+                assert text in described[flag], (method, flag)
+                assert method in described[flag], (method, flag)
+    assert "--steps STEPS proxsparse: optimizer steps; 0: one pass over the calibration windows" \
+        in described["--steps"]
+    assert "maskpro; default 50 for proxsparse, 100 for maskpro" in described["--checkpoint-every"]
+
+
+def test_quiet_silences_the_gguf_conversion_bar(capsys):
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from proxsparse.models import _gguf_progress
+
+    def convert():  # as transformers converts a GGUF file's tensors
+        for _ in gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+
+    capsys.readouterr()
+    with _gguf_progress(enabled=False):
+        convert()
+    assert capsys.readouterr().err == ""
+    with _gguf_progress(enabled=True):
+        convert()
+    assert "de-quantizing GGUF tensors" in capsys.readouterr().err
+    convert()  # restored after the load
+    assert "de-quantizing GGUF tensors" in capsys.readouterr().err

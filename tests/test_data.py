@@ -77,3 +77,19 @@ def test_unreachable_hub_suggests_offline_sources(monkeypatch):
     for source in ("c4", "wikitext2"):
         with pytest.raises(ProxSparseError, match="builtin"):
             data.load_text(source)
+
+
+def test_readme_python_example_shows_an_offline_text_source():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Python\n", 1)[1].split("\n## ", 1)[0]
+    sources = re.findall(r'load_text\("([^"]+)"\)', section)
+    offline = [s for s in sources if s not in data.HUB_SOURCES]
+    assert offline, f"the Python example only shows hub sources {sources}"
+    for source in offline:
+        path = root / source
+        if source == "builtin" or path.is_file():  # the shared folder is not always there
+            assert len(data.load_text(str(path) if path.is_file() else source)) > 100_000

@@ -148,3 +148,66 @@ def test_copies_left_by_a_killed_save_are_removed(tmp_path, tokenizer, calib):
     # pid 1 still runs; another output's copies are not this save's business
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".other.partial-" + dead, ".out.partial-1", "out"]
+
+
+SAVE_IN_A_PROCESS = """
+import sys, torch
+from proxsparse.export import save_masks
+from proxsparse.nm import NM, topn_mask
+torch.manual_seed(0)
+names = ["model.layers.1.mlp.up_proj", "b.proj", "a.proj", "lm_head"]
+masks = {name: topn_mask(torch.randn(8, 16), NM(2, 4)) for name in names}
+if sys.argv[2] == "reversed":  # the same masks, built in another order
+    masks = dict(reversed(masks.items()))
+for copy in range(4):
+    save_masks(f"{sys.argv[1]}-{copy}.safetensors", masks, NM(2, 4))
+"""
+
+
+def test_mask_file_is_byte_identical_across_processes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "OMP_NUM_THREADS": "1"}
+    for run, order in (("first", "built"), ("second", "reversed")):
+        subprocess.run([sys.executable, "-c", SAVE_IN_A_PROCESS, str(tmp_path / run), order],
+                       check=True, env=env)
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert len(files) == 8
+    raw = files[0].read_bytes()
+    assert all(path.read_bytes() == raw for path in files), "mask files differ"
+    # still a plain safetensors file, and still a checked mask file
+    header_size = int.from_bytes(raw[:8], "little")
+    assert header_size % 8 == 0 and raw[8:9] == b"{"
+    with safe_open(str(files[0]), framework="pt") as handle:
+        assert set(handle.metadata()) == {"nm", "shapes", "sha256"}
+        assert sorted(handle.keys()) == ["a.proj", "b.proj", "lm_head",
+                                         "model.layers.1.mlp.up_proj"]
+    assert all(t.dtype == torch.uint8 for t in load_file(str(files[0])).values())
+    masks, nm = load_masks(files[0])
+    assert nm == NM(2, 4) and len(masks) == 4
+    assert all(mask.shape == (8, 16) and mask.dtype == torch.bool for mask in masks.values())
+
+
+def test_written_safetensors_round_trip_every_dtype(tmp_path):
+    from safetensors.torch import load_file
+
+    from proxsparse.export import write_safetensors
+
+    tensors = {
+        "f32": torch.randn(3, 5), "bf16": torch.randn(4).bfloat16(),
+        "f16": torch.randn(2, 2).half(),
+        "i64": torch.arange(7), "bool": torch.tensor([True, False, True]),
+        "u8": torch.arange(9, dtype=torch.uint8).view(3, 3), "empty": torch.zeros(0, 4),
+        "scalar": torch.tensor(2.5), "strided": torch.randn(4, 6)[:, ::2],
+    }
+    write_safetensors(tmp_path / "t.safetensors", tensors, {"k": "v"})
+    loaded = load_file(str(tmp_path / "t.safetensors"))
+    assert loaded.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name

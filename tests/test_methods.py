@@ -43,6 +43,29 @@ def test_layer_with_odd_input_size_is_skipped_and_listed(tokenizer, calib):
     assert len(result.masks) == 12
 
 
+@pytest.mark.parametrize("nm, sizes, advice", [
+    ("2:3", "(64, 128)", "--nm 2:4"),  # hidden 64, intermediate 128
+    ("1:5", "(64, 128)", "--nm 2:4"),
+    ("3:5", "(64, 66)", "--nm 1:2"),  # down_proj's 66 = 2 * 33
+    ("2:4", "(66)", "--nm 1:2"),  # --include down_proj alone: 66 = 2 * 33
+])
+def test_no_layer_fits_m_says_why_and_what_fits(tokenizer, caplog, nm, sizes, advice):
+    model = make_model(len(tokenizer), intermediate_size=66 if "66" in sizes else 128)
+    include = ("*.down_proj",) if sizes == "(66)" else ()
+    with pytest.raises(ProxSparseError) as raised:
+        find_targets(model, NM.parse(nm), include=include)
+    message = str(raised.value)
+    assert f"input size {sizes} is not a multiple of M={NM.parse(nm).m}" in message, message
+    assert message.endswith(f"e.g. {advice}"), message
+    assert "skipping" not in caplog.text  # the error alone, not a warning per layer first
+
+
+def test_no_common_factor_suggests_include(tokenizer):
+    model = make_model(len(tokenizer), intermediate_size=65)
+    with pytest.raises(ProxSparseError, match=r"\(64, 65\).*no M > 1 divides them all"):
+        find_targets(model, NM(3, 7))
+
+
 def test_include_and_ignore(model):
     targets, _ = find_targets(model, NM(2, 4), include=("*.mlp.*",), ignore=("*.down_proj",))
     assert sorted(t.name.split(".")[-1] for t in targets) == ["gate_proj"] * 2 + ["up_proj"] * 2

@@ -63,6 +63,9 @@ def test_cli_on_the_alias(tmp_path, capsys):
     code = main(["prune", "--model", "smollm2-135m", "--method", "wanda", "--calib-windows", "2",
                  "--seqlen", "64", "--out", str(out), "--quiet"])
     assert code == 0
+    printed = capsys.readouterr()
+    assert printed.out.startswith("pruned 210 layers") and printed.out.count("\n") == 1
+    assert printed.err == ""  # --quiet: no bar, the GGUF conversion's included
     assert main(["verify", str(out), "--quiet"]) == 0
     assert "210/210 layers valid 2:4" in capsys.readouterr().out
 

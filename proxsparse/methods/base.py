@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,14 +17,43 @@ from ..nm import NM
 from ..runlog import RunDir, check_run_dir, fingerprint
 
 
+def option(default, help: str, **metadata):
+    """A config field with the one description of its setting, shown by ``prune --help``
+    (``cli_default``: the default the command line shows when it differs from ``default``)."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+def field_help(cls: type, name: str) -> str:
+    """The description of config field ``name`` of ``cls``: from the class that gave it one (a
+    subclass may change a default without repeating the description)."""
+    for klass in cls.__mro__:
+        fields = getattr(klass, "__dataclass_fields__", {})
+        if name in fields and fields[name].metadata.get("help"):
+            return fields[name].metadata["help"]
+    raise KeyError(f"{cls.__name__}.{name} has no description: give it option(..., help=...)")
+
+
+def field_default_text(cls: type, name: str) -> str:
+    """The default of a field as ``prune --help`` shows it."""
+    field_ = {f.name: f for f in dataclasses.fields(cls)}[name]
+    for klass in cls.__mro__:
+        fields = getattr(klass, "__dataclass_fields__", {})
+        if name in fields and "cli_default" in fields[name].metadata:
+            return fields[name].metadata["cli_default"]
+    return repr(field_.default) if field_.default == "" else str(field_.default)
+
+
 @dataclass
 class PruneConfig:
     """Settings shared by every method. Each method subclasses it with its own knobs."""
 
-    nm: NM | str = "2:4"
-    include: tuple[str, ...] = ()
-    ignore: tuple[str, ...] = ()
-    seed: int = 0
+    nm: NM | str = option("2:4", "N:M pattern: keep N of every M consecutive weights along a "
+                                 "layer's input")
+    include: tuple[str, ...] = option((), "glob patterns over linear layer names (e.g. "
+                                          "'*.mlp.*' or 'lm_head'); they replace the default "
+                                          "targets, every linear in the decoder blocks")
+    ignore: tuple[str, ...] = option((), "glob patterns of linear layer names to leave dense")
+    seed: int = option(0, "seed of the learning methods' random draws")
     hyperparameters: dict = field(default_factory=dict, repr=False, compare=False)
     # What the caller knows of the inputs (model id, calibration source, windows, seqlen): part
     # of a learning run's identity, so that --resume refuses a run on other inputs.
@@ -55,10 +85,15 @@ class PruneConfig:
 class LearningConfig(PruneConfig):
     """Settings every learning method shares: where its run lives and how often it reports."""
 
-    run_dir: str = ""  # log, plot and checkpoints; "" keeps nothing on disk
-    resume: bool = False
-    checkpoint_every: int = 50
-    log_every: int = 10
+    run_dir: str = option("", "directory of the run's log, loss plot and checkpoints while it "
+                              "learns; they move into the output at the end. From Python, "
+                              "\"\" keeps nothing on disk", cli_default="<out>.run")
+    resume: bool = option(False, "continue an interrupted run from the checkpoint in its run "
+                                 "directory; refused unless the model, calibration and settings "
+                                 "are the same")
+    checkpoint_every: int = option(50, "save a checkpoint (for --resume) every this many steps")
+    log_every: int = option(10, "write the log and update the progress bar every this many "
+                                "steps")
 
     def __post_init__(self) -> None:
         super().__post_init__()

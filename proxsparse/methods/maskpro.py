@@ -35,7 +35,7 @@ from ..export import load_masks
 from ..models import Target
 from ..nm import NM, groups, pack_mask, topn_mask, unpack_mask
 from ..runlog import DeferredInterrupt, RunDir
-from .base import LearningConfig, Pruner
+from .base import LearningConfig, Pruner, option
 
 MAX_N = 4  # log p(set) sums over the N! orders a set can be drawn in: 24 for N = 4
 BASELINE_DECAY = 0.99  # δ ← 0.99·δ + 0.01·(L_t − L_0)
@@ -45,11 +45,16 @@ FAR = 1e9  # beyond any logit: pushes an entry out of a min or max
 
 @dataclass
 class MaskProConfig(LearningConfig):
-    prior: str = "magnitude"  # magnitude|wanda|sparsegpt|proxsparse, or a mask file / output dir
-    logit_scale: float = 10.0  # C: the logits start at C·prior mask
-    lr: float = 50.0  # η, as published (with the loss a mean over tokens)
-    steps: int = 1000
-    batch_size: int = 1  # calibration windows per step
+    prior: str = option("magnitude", "the mask learning starts from: magnitude, wanda, "
+                                     "sparsegpt or proxsparse (computed first), or a mask file "
+                                     "or proxsparse output directory")
+    logit_scale: float = option(10.0, "C: every group's logits start at C times the prior "
+                                      "mask (larger: closer to the prior)")
+    lr: float = option(50.0, "policy-gradient step size (eta, as published, with the loss a "
+                             "mean over tokens)")
+    steps: int = option(1000, "policy-gradient steps, each one mask drawn and one forward "
+                              "pass; 0: no learning, the prior mask is the result")
+    batch_size: int = option(1, "calibration windows per step")
     checkpoint_every: int = 100
     method = "maskpro"
 

@@ -32,7 +32,7 @@ from ..models import check_device
 from ..nm import NM, groups, topn_mask
 from ..prox import prox_nm
 from ..runlog import DeferredInterrupt
-from .base import LearningConfig, Pruner
+from .base import LearningConfig, Pruner, option
 from .sparsegpt import reconstruct
 
 
@@ -44,23 +44,39 @@ class ProxSparseConfig(LearningConfig):
     ``"absolute"`` it means what the paper's λ1 means (Llama-2-7B: 0.25).
     """
 
-    lambda1: float = 0.05  # strength of the N:M regulariser, applied by the prox every step
-    lambda1_scaling: str = "layer"  # or "absolute" (as published)
-    lambda1_ramp: float = 0.5  # share of steps over which λ1 rises linearly from 0
-    lambda2: float = 0.1  # pull towards W0 or 0; 0 switches it off
-    epsilon: float = 0.1
-    lr: float = 5e-4
-    steps: int = 0  # 0: one pass over the calibration windows
-    batch_size: int = 1
-    warmup: float = 0.1  # share of steps with a linear warm-up, then linear decay to 0
-    max_grad_norm: float = 1.0
-    train_all: bool = False  # also let the non-target parameters move (as the paper's code)
-    gradient_checkpointing: bool = False
-    w0_device: str = ""  # where the pretrained copy lives; "" = beside the weights
-    input_scaled: bool = True  # regularise |W_ij|·‖X_j‖ (Wanda's score) instead of |W_ij|
-    norm_windows: int = 32  # calibration windows that measure ‖X_j‖ for input_scaled
-    reconstruct: bool = False  # after the mask: re-fit kept weights by SparseGPT's update
-    compile_prox: bool = True  # torch.compile the 2:4 prox and λ2 term (models >= 5M weights)
+    lambda1: float = option(0.05, "strength of the N:M regulariser (lambda1), applied by the "
+                                  "proximal step after every optimizer step")
+    lambda1_scaling: str = option("layer", "'layer': lambda1 is relative to each layer's "
+                                           "weight scale; 'absolute': lambda1 as published "
+                                           "(Llama-2-7B: 0.25)")
+    lambda1_ramp: float = option(0.5, "share of the steps over which lambda1 rises linearly "
+                                      "from 0 to its value")
+    lambda2: float = option(0.1, "strength of the pull of every weight towards its pretrained "
+                                 "value or 0 (lambda2); 0 switches it off")
+    epsilon: float = option(0.1, "epsilon of the lambda2 term: added to |W0| in its "
+                                 "denominator, so that weights near 0 stay finite")
+    lr: float = option(5e-4, "AdamW learning rate (peak, after the warm-up)")
+    steps: int = option(0, "optimizer steps; 0: one pass over the calibration windows "
+                           "(windows / batch size steps)")
+    batch_size: int = option(1, "calibration windows per step")
+    warmup: float = option(0.1, "share of the steps with a linear learning-rate warm-up, then "
+                                "linear decay to 0")
+    max_grad_norm: float = option(1.0, "clip the gradient to this norm before every step")
+    train_all: bool = option(False, "also let the non-target parameters learn (as the paper's "
+                                    "code); they return to their pretrained values at the end")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: "
+                                                 "less memory, slower steps")
+    w0_device: str = option("", "device of the pretrained copy of the weights, e.g. cpu to save "
+                                "accelerator memory (\"\": beside the weights)",
+                            cli_default="beside the weights")
+    input_scaled: bool = option(True, "regularise |W_ij|*||X_j|| (Wanda's score) instead of "
+                                      "|W_ij|: the first mask is Wanda's")
+    norm_windows: int = option(32, "calibration windows that measure the input norms ||X_j|| "
+                                   "for --input-scaled")
+    reconstruct: bool = option(False, "after choosing the mask, re-fit the kept weights by "
+                                      "SparseGPT's update")
+    compile_prox: bool = option(True, "torch.compile the 2:4 proximal step and the lambda2 "
+                                      "term (only for models of 5M target weights or more)")
     method = "proxsparse"
 
     def __post_init__(self) -> None:

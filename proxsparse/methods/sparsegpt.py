@@ -16,13 +16,15 @@ import torch
 from ..blockwise import prune_blockwise
 from ..errors import COUNT, NON_NEGATIVE, ProxSparseError, check_options
 from ..nm import NM, topn_mask
-from .base import PruneConfig, Pruner
+from .base import PruneConfig, Pruner, option
 
 
 @dataclass
 class SparseGPTConfig(PruneConfig):
-    blocksize: int = 128
-    dampening: float = 0.01  # share of the mean Hessian diagonal added to the diagonal
+    blocksize: int = option(128, "columns per block of the lazy batch update (a multiple of "
+                                 "M): a speed setting, the method stays the same")
+    dampening: float = option(0.01, "share of the mean Hessian diagonal added to its diagonal, "
+                                    "which keeps the inverse stable")
     method = "sparsegpt"
 
     def __post_init__(self) -> None:
