@@ -35,7 +35,7 @@ from proxsparse.nm import NM, topn_mask
 from proxsparse.runtime import PackedLinear
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
-BATCHES = (1, 4, 16, 32, 64, 512)
+BATCHES = (1, 4, 16, 64, 128, 512)
 COLD_BYTES = 96 * 2**20  # > the 32 MiB last-level cache of this machine
 
 

@@ -112,7 +112,7 @@ def test_kernel_equals_the_dense_layer(out, groups, tokens, isa, bf16, holes, sc
 
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 7, 8, 15, 16, 17, 33, 64])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 7, 8, 15, 16, 17, 64, 129])
 def test_kernel_batch_sizes_and_threads(threads, tokens):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)

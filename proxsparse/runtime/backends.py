@@ -73,7 +73,7 @@ class CpuKernel(Backend):
     """The compiled 2:4 kernel over its tiled layout (8 rows x 64 inputs per tile)."""
 
     name = "cpu"
-    max_kernel_tokens = 32  # more tokens per call (prefill): unpack + dense matrix product
+    max_kernel_tokens = 128  # more tokens per call (prefill): unpack + dense matrix product
     slab_bytes = 8 * 2**20  # rows unpacked at a time for the dense product: stays in cache
 
     def __init__(self, isa: str = "best") -> None:

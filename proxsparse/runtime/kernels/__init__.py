@@ -30,8 +30,11 @@ def nm24() -> ModuleType:
     try:
         from torch.utils.cpp_extension import load
 
+        # -fopenmp: at::parallel_for is OpenMP in torch's CPU builds, and only threads when
+        # the extension itself is compiled with it (without, it silently runs on one thread)
         return load(name="proxsparse_nm24_cpu", sources=[str(SOURCE)],
-                    extra_cflags=["-O3", "-std=c++17"], verbose=False)
+                    extra_cflags=["-O3", "-std=c++17", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                    verbose=False)
     except Exception as err:  # no compiler, no ninja, unsupported platform, ...
         text = str(err).strip().splitlines()
         raise KernelUnavailable(text[0] if text else type(err).__name__) from err
