@@ -142,10 +142,21 @@ def test_reference_and_kernel_agree(isa):
 def test_prefill_unpacks_slab_by_slab(values_dtype):
     backend = CpuKernel()
     backend.max_kernel_tokens, backend.slab_bytes = 4, 1  # slabs of 8 rows, a ragged last one
+    backend.prefill = "unpack"
     linear = linear_of(nm_weight(203, 4 * 75, NM(), seed=9))
     layer = PackedLinear.from_linear(linear, backend=backend, values_dtype=values_dtype)
     for tokens in (5, 33):
         check_layer(layer, linear, tokens, values_dtype=values_dtype)
+
+
+@needs_kernel
+def test_prefill_runs_the_kernel_in_token_chunks():
+    backend = CpuKernel()
+    backend.max_kernel_tokens, backend.prefill = 8, "kernel"
+    linear = linear_of(nm_weight(40, 4 * 33, NM(), seed=11))
+    layer = PackedLinear.from_linear(linear, backend=backend)
+    for tokens in (8, 9, 30):
+        check_layer(layer, linear, tokens)
 
 
 @needs_kernel

@@ -1,9 +1,9 @@
 """Interchangeable execution backends of a packed N:M layer, behind one small interface.
 
 - ``cpu``: the compiled kernel (kernels/nm24_cpu.cpp): 2:4, fp32 or bf16 values, AVX-512 /
-  AVX2 / portable code chosen at run time. Up to ``max_kernel_tokens`` tokens per call it
-  multiplies the packed weight directly; above that (prefill) it unpacks the weight and calls
-  the dense matrix product, which is then compute-bound anyway.
+  AVX2 / portable code chosen at run time. It multiplies the packed weight directly, prefill
+  in chunks of ``max_kernel_tokens`` tokens (or, with ``prefill="unpack"``, by unpacking
+  cache-sized slabs for the dense matrix product).
 - ``cuda``: torch's ``to_sparse_semi_structured`` (2:4, fp16/bf16, CUDA only).
 - ``reference``: plain torch, any N:M, any device; correct everywhere, not fast.
 
@@ -73,7 +73,13 @@ class CpuKernel(Backend):
     """The compiled 2:4 kernel over its tiled layout (8 rows x 64 inputs per tile)."""
 
     name = "cpu"
-    max_kernel_tokens = 128  # more tokens per call (prefill): unpack + dense matrix product
+    # Prefill (more tokens than max_kernel_tokens): "kernel" runs the packed product on chunks
+    # of that many tokens; "unpack" unpacks the weight slab by slab for the dense product;
+    # "auto" unpacks a layer that fits one slab (the dense product then reads it from cache:
+    # SmolLM2's layers, 1.03x dense against 0.92x chunked) and chunks larger ones (7B shapes:
+    # 1.06-1.23x against 0.95-1.05x unpacked; bench/results/runtime_speed.md).
+    max_kernel_tokens = 128
+    prefill = "auto"
     slab_bytes = 8 * 2**20  # rows unpacked at a time for the dense product: stays in cache
 
     def __init__(self, isa: str = "best") -> None:
@@ -81,6 +87,11 @@ class CpuKernel(Backend):
             raise ProxSparseError(f"unknown instruction set {isa!r}: best or one of {list(ISAS)}")
         self.isa = -1 if isa == "best" else ISAS[isa]
         self._buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def _prefill_unpacks(self, layer: PackedLinear, x: torch.Tensor) -> bool:
+        if self.prefill == "auto":
+            return layer.out_features * layer.in_features * x.element_size() <= self.slab_bytes
+        return self.prefill == "unpack"
 
     def _unpacked_product(self, layer: PackedLinear, x: torch.Tensor, pairs: int) -> torch.Tensor:
         """Prefill: compute-bound, so the dense matrix product wins. The weight is unpacked a
@@ -161,12 +172,16 @@ class CpuKernel(Backend):
         tiles, dtype = layer.tiles, layer.values_dtype
         pairs = math.ceil(math.ceil(in_features / 32) / WORDS_PER_TILE)
         tokens = x.numel() // in_features
-        if tokens > self.max_kernel_tokens:
+        if tokens > self.max_kernel_tokens and self._prefill_unpacks(layer, x):
             return self._unpacked_product(layer, x, pairs)
         flat = x.reshape(tokens, in_features).to(torch.float32)
         if pairs * 64 != in_features:
             flat = F.pad(flat, (0, pairs * 64 - in_features))
-        y = nm24().matmul(flat.contiguous(), tiles, out, dtype, self.isa)
+        flat = flat.contiguous()
+        chunk = self.max_kernel_tokens  # prefill: token chunks that stay in cache
+        parts = [nm24().matmul(flat[t : t + chunk], tiles, out, dtype, self.isa)
+                 for t in range(0, tokens, chunk)]
+        y = parts[0] if len(parts) == 1 else torch.cat(parts)
         if layer.bias is not None:
             y += layer.bias
         return y.to(x.dtype).view(*x.shape[:-1], out)
