@@ -97,6 +97,7 @@ def compare(model: nn.Module, prompt: torch.Tensor, prefill_ids: torch.Tensor,
         for form in ("dense", "packed"):
             swap.use(form)
             times[form]["decode"].append(decode_time(model, prompt, new_tokens))
+            prefill_time(model, prefill_ids)  # warm: the decode runs before left other caches
             times[form]["prefill"].append(prefill_time(model, prefill_ids))
             if progress is not None:
                 progress()
