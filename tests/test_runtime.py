@@ -126,6 +126,21 @@ def test_kernel_batch_sizes_and_threads(threads, tokens):
 
 
 @needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_on_wide_rows(threads):
+    """Rows of ≥ 2048 inputs take the two-blocks-at-a-time decode path (and a ragged tail)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        linear = linear_of(nm_weight(8 * 7 + 3, 4096, NM(), seed=12))
+        for values_dtype in (None, torch.bfloat16):
+            layer = PackedLinear.from_linear(linear, backend="cpu", values_dtype=values_dtype)
+            check_layer(layer, linear, 1, values_dtype=values_dtype)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_kernel
 @pytest.mark.parametrize("isa", ISAS)
 def test_reference_and_kernel_agree(isa):
     linear = linear_of(nm_weight(96, 128, NM(), seed=3))
