@@ -1,9 +1,9 @@
 """Interchangeable execution backends of a packed N:M layer, behind one small interface.
 
 - ``cpu``: the compiled kernel (kernels/nm24_cpu.cpp): 2:4, fp32 or bf16 values, AVX-512 /
-  AVX2 / portable code chosen at run time. It multiplies the packed weight directly, prefill
-  in chunks of ``max_kernel_tokens`` tokens (or, with ``prefill="unpack"``, by unpacking
-  cache-sized slabs for the dense matrix product).
+  AVX2 / portable code chosen at run time. It multiplies the packed weight directly; at
+  prefill, large layers in chunks of ``max_kernel_tokens`` tokens and small ones by unpacking
+  them for the dense matrix product (``prefill``: "auto", "kernel" or "unpack").
 - ``cuda``: torch's ``to_sparse_semi_structured`` (2:4, fp16/bf16, CUDA only).
 - ``reference``: plain torch, any N:M, any device; correct everywhere, not fast.
 
