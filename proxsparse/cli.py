@@ -393,7 +393,11 @@ def cmd_generate(args) -> int:
                              **(sampling if args.sample else {"do_sample": False}))
     seconds = time.perf_counter() - start
     new = out[0, ids.shape[1]:]
-    print(tokenizer.decode(new, skip_special_tokens=True))
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    print(text)
+    if not text.strip():
+        print("(the model ended at once: it produced only special tokens such as end-of-text)",
+              file=sys.stderr)
     print(f"[{len(new)} tokens in {seconds:.2f}s: {len(new) / seconds:.1f} tokens/s]",
           file=sys.stderr)
     return 0
