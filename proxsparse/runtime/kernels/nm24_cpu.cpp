@@ -84,15 +84,22 @@ __attribute__((target("avx512f"))) inline __m512 load16(const bf16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
-// One block of 8 rows against T tokens (T = 1 or 2: 8T accumulators stay in registers).
-template <typename V, int T>
-__attribute__((target("avx512f"))) void block_avx512(const Shape& s, const float* x,
-                                                     const uint8_t* tiles, float* y) {
+// Where each of a word's 16 kept values finds its input among the word's 32: group base
+// (0, 0, 4, 4, ...) plus the value's 2-bit position.
+__attribute__((target("avx512f"))) inline __m512i input_lanes(uint32_t bits) {
   const __m512i shifts =
       _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i base =
       _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
-  const __m512i three = _mm512_set1_epi32(3);
+  const __m512i word = _mm512_set1_epi32(static_cast<int>(bits));
+  return _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(word, shifts),
+                                           _mm512_set1_epi32(3)), base);
+}
+
+// One block of 8 rows against T tokens (T = 1 or 2: 8T accumulators stay in registers).
+template <typename V, int T>
+__attribute__((target("avx512f"))) void block_avx512(const Shape& s, const float* x,
+                                                     const uint8_t* tiles, float* y) {
   __m512 acc[kRows][T];
   for (int r = 0; r < kRows; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
@@ -108,9 +115,7 @@ __attribute__((target("avx512f"))) void block_avx512(const Shape& s, const float
         hi[t] = _mm512_loadu_ps(xc + 16);
       }
       for (int r = 0; r < kRows; ++r) {
-        const __m512i word = _mm512_set1_epi32(static_cast<int>(pos[h * kRows + r]));
-        const __m512i sel =
-            _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(word, shifts), three), base);
+        const __m512i sel = input_lanes(pos[h * kRows + r]);
         const __m512 v = load16(val + (h * kRows + r) * 16);
         for (int t = 0; t < T; ++t) {
           acc[r][t] = _mm512_fmadd_ps(v, _mm512_permutex2var_ps(lo[t], sel, hi[t]), acc[r][t]);
@@ -127,11 +132,6 @@ __attribute__((target("avx512f"))) void block_avx512(const Shape& s, const float
 template <typename V>
 __attribute__((target("avx512f"))) void two_blocks_avx512(const Shape& s, const float* x,
                                                           const uint8_t* tiles, float* y) {
-  const __m512i shifts =
-      _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i base =
-      _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
-  const __m512i three = _mm512_set1_epi32(3);
   const uint8_t* second = tiles + s.pairs * tile_bytes<V>();
   __m512 acc[2 * kRows];
   for (int r = 0; r < 2 * kRows; ++r) acc[r] = _mm512_setzero_ps();
@@ -144,9 +144,7 @@ __attribute__((target("avx512f"))) void two_blocks_avx512(const Shape& s, const 
         const uint32_t* pos = reinterpret_cast<const uint32_t*>(tile[b]);
         const V* val = reinterpret_cast<const V*>(tile[b] + kWordsPerTile * kRows * 4);
         for (int r = 0; r < kRows; ++r) {
-          const __m512i word = _mm512_set1_epi32(static_cast<int>(pos[h * kRows + r]));
-          const __m512i sel =
-              _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(word, shifts), three), base);
+          const __m512i sel = input_lanes(pos[h * kRows + r]);
           acc[b * kRows + r] = _mm512_fmadd_ps(load16(val + (h * kRows + r) * 16),
                                                _mm512_permutex2var_ps(lo, sel, hi),
                                                acc[b * kRows + r]);
