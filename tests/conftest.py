@@ -116,3 +116,15 @@ def write_custom_code_model(path, model_dir, marker) -> Path:
                                   "class EvilModel(LlamaForCausalLM):\n"
                                   "    config_class = EvilConfig\n")
     return path
+
+
+def damage(path: Path, data) -> None:
+    """Truncate the file at ``path``, or flip one of its bits (drawn by hypothesis ``data``)."""
+    from hypothesis import strategies as st
+
+    raw = bytearray(path.read_bytes())
+    if data.draw(st.booleans()):
+        raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
+    else:
+        raw[data.draw(st.integers(0, len(raw) - 1))] ^= 1 << data.draw(st.integers(0, 7))
+    path.write_bytes(bytes(raw))

@@ -13,7 +13,7 @@ from proxsparse.errors import ProxSparseError
 from proxsparse.export import MASK_FILE, METADATA_FILE, read_metadata, save_masks
 from proxsparse.methods import config_for
 from proxsparse.nm import topn_mask
-from tests.conftest import make_model
+from tests.conftest import damage, make_model
 
 
 def pruned(tokenizer, calib, method="sparsegpt", nm="2:4"):
@@ -107,12 +107,7 @@ def test_damaged_mask_bytes_are_refused_or_harmless(data):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / MASK_FILE
         save_masks(path, masks, NM(2, 4))
-        raw = bytearray(path.read_bytes())
-        if data.draw(st.booleans()):
-            raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
-        else:
-            raw[data.draw(st.integers(0, len(raw) - 1))] ^= 1 << data.draw(st.integers(0, 7))
-        path.write_bytes(bytes(raw))
+        damage(path, data)
         try:
             loaded, nm = load_masks(path)
         except ProxSparseError:

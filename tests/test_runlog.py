@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from proxsparse.errors import ProxSparseError
 from proxsparse.runlog import CHECKPOINT_FILE, LOG_FILE, RunDir, fingerprint
-from tests.conftest import WritesAMarker, own_run_dir
+from tests.conftest import WritesAMarker, damage, own_run_dir
 
 
 def test_nothing_is_written_before_the_first_flush(tmp_path):
@@ -76,12 +76,7 @@ def test_damaged_checkpoint_bytes_are_refused_or_harmless(data):
         run_dir = own_run_dir(Path(tmp) / "run")
         RunDir(run_dir, identity={"lr": 0.001}).save_checkpoint(STATE)
         path = run_dir / CHECKPOINT_FILE
-        raw = bytearray(path.read_bytes())
-        if data.draw(st.booleans()):
-            raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
-        else:
-            raw[data.draw(st.integers(0, len(raw) - 1))] ^= 1 << data.draw(st.integers(0, 7))
-        path.write_bytes(bytes(raw))
+        damage(path, data)
         try:
             state = RunDir(run_dir, resume=True, identity={"lr": 0.001}).load_checkpoint(
                 {"step": int, "params": list, "schedule": dict})
