@@ -12,6 +12,7 @@ from .data import calibration_windows, eval_windows, load_text, tokenize
 from .errors import ProxSparseError
 from .evaluate import Perplexity, perplexity
 from .export import apply_masks, load_masks, save, verify
+from .learning.memory import MemoryPlan, plan_proxsparse
 from .methods import (
     MagnitudeConfig,
     MaskProConfig,
@@ -26,10 +27,10 @@ from .nm import NM
 from .runtime import PackedLinear, densify, sparsify
 
 __all__ = [
-    "NM", "MagnitudeConfig", "MaskProConfig", "PackedLinear", "Perplexity", "PruneConfig",
-    "PruneResult",
+    "NM", "MagnitudeConfig", "MaskProConfig", "MemoryPlan", "PackedLinear", "Perplexity",
+    "PruneConfig", "PruneResult",
     "ProxSparseConfig", "ProxSparseError",
     "SparseGPTConfig", "WandaConfig", "apply_masks", "calibration_windows", "config_for",
     "describe", "eval_windows", "find_targets", "load_masks", "load_model", "load_text",
-    "densify", "perplexity", "prune", "save", "sparsify", "tokenize", "verify",
+    "densify", "perplexity", "plan_proxsparse", "prune", "save", "sparsify", "tokenize", "verify",
 ]

@@ -51,11 +51,14 @@ def prune_blockwise(
     calib: torch.Tensor,
     prune_layer: Callable[[Target, torch.Tensor], None],
     progress: bool = True,
+    device: torch.device | str | None = None,
 ) -> None:
     """Call ``prune_layer(target, inputs)`` for every target, in forward order, block by block.
 
     ``inputs`` is the layer's input for all calibration tokens, ``[windows, seqlen, in]``.
     ``prune_layer`` must leave the layer pruned: its forward runs right after.
+    With ``device``, each block moves there for its turn and back after it, with the hidden
+    states on ``device`` throughout: only one block is ever on that device.
     """
     outside = [t.name for t in targets if t.block is None]
     if outside:
@@ -68,9 +71,15 @@ def prune_blockwise(
         by_block.setdefault(target.block, []).append(target)
 
     hidden, kwargs = capture_block_inputs(model, calib)
+    home = hidden.device
+    if device is not None:
+        hidden, kwargs = _to(hidden, device), _to(kwargs, device)
     done: set[str] = set()
     last = max(by_block)
     for index in tqdm(range(last + 1), desc="blocks", disable=not progress):
+        block = blocks[index]
+        if device is not None:
+            block.to(device)
         handles = []
         for target in by_block.get(index, []):
 
@@ -80,12 +89,25 @@ def prune_blockwise(
 
             handles.append(target.module.register_forward_pre_hook(hook))
         try:
-            hidden = blocks[index](hidden, **kwargs)
+            hidden = block(hidden, **kwargs)
         finally:
             for handle in handles:
                 handle.remove()
+            if device is not None:
+                block.to(home)
         if isinstance(hidden, tuple):  # older block APIs return (hidden, ...)
             hidden = hidden[0]
     missing = [t.name for t in targets if t.name not in done]
     if missing:
         raise RuntimeError(f"these layers never ran during calibration: {missing}")
+
+
+def _to(value, device):
+    """``value`` with every tensor in it (through tuples, lists and dicts) on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value

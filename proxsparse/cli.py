@@ -13,12 +13,21 @@ import time
 import warnings
 from pathlib import Path
 
-from .errors import COUNT, WINDOW, ProxSparseError, check_options
+from .errors import COUNT, POSITIVE, WINDOW, ProxSparseError, check_options
+from .learning.distributed import launched_by_torchrun
 from .methods import PRUNERS, PruneConfig
 from .methods.base import LearningConfig, field_default_text, field_help
 from .runlog import CHECKPOINT_FILE, RunDir
 
 SHARED_FIELDS = {f.name for f in dataclasses.fields(PruneConfig)}
+PRUNE_EPILOG = """\
+learning on several devices (ProxSparse): launch the same command with torchrun; each process
+learns its rows of every weight (FSDP2), and rank 0 logs and writes --out:
+  torchrun --standalone --nproc-per-node 8 -m proxsparse prune --model meta-llama/Llama-2-7b-hf \\
+      --method proxsparse --dtype bfloat16 --device cuda --seqlen 4096 --out runs/llama2-7b
+--device cuda under torchrun means cuda:LOCAL_RANK (nccl); on CPUs it is gloo. Add --resume
+to continue a killed run (same number of processes). `proxsparse plan` predicts the memory.
+"""
 
 
 def method_options() -> dict[str, tuple[type, dict[str, object]]]:
@@ -61,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prune", help="prune a model to N:M and save the checkpoint")
+    p = sub.add_parser(
+        "prune", help="prune a model to N:M and save the checkpoint",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=PRUNE_EPILOG)
     p.add_argument("--model", required=True,
                    help="hub id, checkpoint directory, .gguf file, or alias smollm2-135m")
     p.add_argument("--method", required=True, choices=list(PRUNERS))
@@ -82,15 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an earlier proxsparse output at --out (only a directory with "
                         "a proxsparse.json; never the model or the working directory)")
     _add_runtime_args(p)
-    group = p.add_argument_group("method options")
-    for name, (kind, _) in method_options().items():
-        flag = "--" + name.replace("_", "-")
-        hint = method_option_help(name).replace("%", "%%")  # argparse formats help with %
-        if kind is bool:
-            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
-                               default=None, help=hint)
-        else:
-            group.add_argument(flag, dest=name, type=kind, default=None, help=hint)
+    _add_method_options(p)
 
     e = sub.add_parser("eval", help="perplexity of a model on consecutive windows")
     e.add_argument("model", help="hub id, checkpoint directory, .gguf file, or smollm2-135m")
@@ -100,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=int, default=128)
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--activation-sparsity", action="store_true",
+                   help="also the share of zeros in every gated MLP's intermediate (the input "
+                        "of down_proj), per layer and overall, on the same windows")
     _add_runtime_args(e)
 
     v = sub.add_parser("verify", help="check that every target layer of a checkpoint is N:M")
@@ -108,7 +114,68 @@ def build_parser() -> argparse.ArgumentParser:
                                               "proxsparse.json (default 2:4)")
     _add_runtime_args(v)
     _add_packed_runtime_commands(sub)
+    _add_plan_command(sub)
     return parser
+
+
+def _add_method_options(p: argparse.ArgumentParser, methods: tuple[str, ...] = ()) -> None:
+    """One flag per config field of the methods (all of them by default)."""
+    group = p.add_argument_group("method options")
+    for name, (kind, owners) in method_options().items():
+        if methods and not set(owners) & set(methods):
+            continue
+        flag = "--" + name.replace("_", "-")
+        hint = method_option_help(name).replace("%", "%%")  # argparse formats help with %
+        if kind is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                               default=None, help=hint)
+        else:
+            group.add_argument(flag, dest=name, type=kind, default=None, help=hint)
+
+
+def _method_settings(args, method: str) -> dict:
+    """The method options given on the command line; refuses one the method does not have."""
+    settings = {}
+    for name, (_, methods) in method_options().items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if method not in methods:
+            flag = "--" + name.replace("_", "-")
+            raise ProxSparseError(f"{flag} does not apply to method {method}; "
+                                  f"it is an option of {', '.join(sorted(methods))}")
+        settings[name] = value
+    return settings
+
+
+def _add_plan_command(sub) -> None:
+    a = sub.add_parser(
+        "plan", help="predict a learning run's peak memory per device from the model's config",
+        description="Predicted peak memory per device of ProxSparse learning, from the model's "
+                    "config alone (built on the meta device; no weights are read).")
+    a.add_argument("--model", required=True,
+                   help="hub id, checkpoint directory, config .json, or a shipped config: "
+                        + ", ".join(shipped_configs()))
+    a.add_argument("--method", default="proxsparse", choices=["proxsparse"])
+    a.add_argument("--nm", default="2:4", help=_shared_help("nm", " (default 2:4)"))
+    a.add_argument("--include", action="append", default=[], metavar="PATTERN",
+                   help=_shared_help("include", ". Repeatable"))
+    a.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
+                   help=_shared_help("ignore", ". Repeatable"))
+    a.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="kind of device that learns (default cuda)")
+    a.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="dtype the model is loaded in (default bfloat16)")
+    a.add_argument("--processes", type=int, default=1,
+                   help="processes (one per device) under torchrun (default 1)")
+    a.add_argument("--seqlen", type=int, default=4096, help="tokens per window (default 4096)")
+    a.add_argument("--capacity-gb", type=float, default=80.0,
+                   help="memory of one device, for the verdict (default 80)")
+    a.add_argument("--json", action="store_true", help="print one JSON object")
+    a.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a config that names its own Python code")
+    a.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    _add_method_options(a, methods=("proxsparse",))
 
 
 def _add_packed_runtime_commands(sub) -> None:
@@ -201,19 +268,17 @@ def cmd_prune(args) -> int:
     from .methods import config_for
     from .models import check_device, local_source
 
-    method_settings = {}
-    for name, (_, methods) in method_options().items():
-        value = getattr(args, name)
-        if value is None:
-            continue
-        if args.method not in methods:
-            flag = "--" + name.replace("_", "-")
-            raise ProxSparseError(f"{flag} does not apply to method {args.method}; "
-                                  f"it is an option of {', '.join(sorted(methods))}")
-        method_settings[name] = value
+    method_settings = _method_settings(args, args.method)
     learning = issubclass(PRUNERS[args.method].config_class, LearningConfig)
     if learning:  # log, plot and checkpoints live here, written once the learning starts
         method_settings["run_dir"] = str(_run_dir(args))
+    if launched_by_torchrun():
+        if not PRUNERS[args.method].multi_process:
+            raise ProxSparseError(f"{args.method} runs in one process: run it without "
+                                  "torchrun (proxsparse learns across processes)")
+        # every rank loads the model into host memory; the learning shards it onto its device
+        method_settings.setdefault("learn_device", "" if args.device == "cpu" else args.device)
+        args.device = "cpu"
     context = {"model": args.model, "calib": args.calib, "calib_windows": args.calib_windows,
                "seqlen": args.seqlen}  # with N:M and the settings: what --resume must match
     config = config_for(args.method, nm=args.nm, include=args.include, ignore=args.ignore,
@@ -232,6 +297,8 @@ def cmd_prune(args) -> int:
         ids = data.tokenize(tokenizer, text)
         calib = data.random_windows(ids, args.calib_windows, args.seqlen, args.seed, args.calib)
     result = api.prune(model, config, calib, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 writes the output
     metadata = api.describe(result, model, model_source=args.model, calibration={
         "source": args.calib, "windows": args.calib_windows, "seqlen": args.seqlen,
         "seed": args.seed} if calib is not None else None)
@@ -246,9 +313,61 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    import torch
+
+    from .learning.memory import GB, devices_needed, load_config, plan_proxsparse
+    from .methods import config_for
+
+    check_options(args, processes=COUNT, seqlen=WINDOW, capacity_gb=POSITIVE)
+    settings = config_for(args.method, nm=args.nm, include=args.include, ignore=args.ignore,
+                          **_method_settings(args, args.method))
+    config = load_config(shipped_configs().get(args.model, args.model),
+                         trust_remote_code=args.trust_remote_code)
+    dtype = getattr(torch, args.dtype)
+
+    def plan_for(processes: int):
+        return plan_proxsparse(config, settings, model_dtype=dtype, device=args.device,
+                               processes=processes, seqlen=args.seqlen)
+
+    plan = plan_for(args.processes)
+    capacity = args.capacity_gb * GB
+    needed = devices_needed(plan_for, capacity)
+    if args.json:
+        print(json.dumps({"model": args.model, "processes": args.processes,
+                          "device": args.device, "seqlen": args.seqlen,
+                          "parts_gb": {k: round(v / GB, 3) for k, v in plan.parts.items()},
+                          "peak_gb": round(plan.peak / GB, 3),
+                          "target_params": plan.target_params,
+                          "state_bytes_per_target_param": round(plan.bytes_per_target_param(), 2),
+                          "fits": plan.peak <= capacity, "capacity_gb": args.capacity_gb,
+                          "devices_needed": needed, "notes": plan.notes}))
+        return 0
+    print(f"{args.model}: {plan.total_params / 1e9:.2f} B parameters, "
+          f"{plan.target_params / 1e9:.2f} B in target layers; ProxSparse on "
+          f"{args.processes} {args.device} process(es), {args.seqlen} tokens per window")
+    print(f"predicted peak per device:\n{plan.table()}")
+    for note in plan.notes:
+        print(f"  note: {note}")
+    verdict = "fits" if plan.peak <= capacity else "does not fit"
+    count = (f"{needed} device(s) of {args.capacity_gb:g} GB needed with these options"
+             if needed else f"no count of {args.capacity_gb:g} GB devices up to 64 is enough")
+    print(f"{verdict} in {args.capacity_gb:g} GB per device; {count}")
+    return 0
+
+
+def shipped_configs() -> dict[str, str]:
+    """Configs shipped with proxsparse (for ``plan`` without network): name -> path."""
+    folder = Path(__file__).parent / "configs"
+    return {p.stem: str(p) for p in sorted(folder.glob("*.json"))}
+
+
 def cmd_eval(args) -> int:
+    import contextlib
+
     from . import data
     from .evaluate import perplexity
+    from .gated_mlp import ActivationSparsity
     from .models import check_device
 
     check_options(args, seqlen=WINDOW, max_windows=COUNT, batch_size=COUNT)
@@ -258,13 +377,24 @@ def cmd_eval(args) -> int:
     _warn_past_positions(model, args.seqlen)
     ids = data.tokenize(tokenizer, text)
     windows = data.eval_windows(ids, args.seqlen, args.max_windows)
+    meter = ActivationSparsity(model) if args.activation_sparsity else contextlib.nullcontext()
     start = time.perf_counter()
-    result = perplexity(model, windows, args.batch_size, progress=not args.quiet)
+    with meter:
+        result = perplexity(model, windows, args.batch_size, progress=not args.quiet)
+    seconds = round(time.perf_counter() - start, 2)
+    shares = meter.shares() if args.activation_sparsity else None
     if args.json:
-        print(json.dumps({**result.as_dict(), "seconds": round(time.perf_counter() - start, 2)}))
-    else:
-        print(f"perplexity {result.ppl:.3f} over {result.tokens} tokens "
-              f"({result.windows} windows of {args.seqlen})")
+        extra = {"activation_sparsity": shares} if shares is not None else {}
+        print(json.dumps({**result.as_dict(), "seconds": seconds, **extra}))
+        return 0
+    print(f"perplexity {result.ppl:.3f} over {result.tokens} tokens "
+          f"({result.windows} windows of {args.seqlen})")
+    if shares is not None:
+        print("share of zeros in the MLP intermediate (input of down_proj):")
+        for name, share in shares.items():
+            if name != "overall":
+                print(f"  {name:<40} {share:7.2%}")
+        print(f"  {'overall (mean over layers)':<40} {shares['overall']:7.2%}")
     return 0
 
 
@@ -445,7 +575,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "verify": cmd_verify, "pack": cmd_pack,
-            "generate": cmd_generate, "speed": cmd_speed}
+            "generate": cmd_generate, "speed": cmd_speed, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

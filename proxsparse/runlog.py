@@ -33,9 +33,10 @@ class RunDir:
     """
 
     def __init__(self, path: str | Path | None, resume: bool = False,
-                 identity: dict | None = None) -> None:
+                 identity: dict | None = None, writer: bool = True) -> None:
         self.path = Path(path) if path is not None else None
         self.resume = resume
+        self.writer = writer  # False: reads checkpoints, writes nothing (ranks > 0)
         self.identity = identity or {}  # what a checkpoint must match to be resumed
         self.pending: list[tuple[int, dict[str, torch.Tensor]]] = []
         self.history: list[dict] = []
@@ -51,7 +52,7 @@ class RunDir:
 
     def __exit__(self, kind, error, traceback) -> None:
         """A run that fails before its first checkpoint leaves nothing behind."""
-        if kind is not None and self.path is not None:
+        if kind is not None and self.path is not None and self.writer:
             if not (self.path / CHECKPOINT_FILE).exists():
                 self.remove()
 
@@ -73,7 +74,7 @@ class RunDir:
     def remove(self) -> None:
         """Delete the run's own files, then the directory if the run created it and it is now
         empty. Anything else in it is left alone."""
-        if self.path is None or not self.path.is_dir():
+        if self.path is None or not self.path.is_dir() or not self.writer:
             return
         marker = self.path / MARKER_FILE
         created = _read_marker(marker).get("created") is True
@@ -100,7 +101,7 @@ class RunDir:
         self.pending.clear()
         # Rows past the resume point were logged by the interrupted run: replace them.
         self.history = [r for r in self.history if r["step"] < rows[0]["step"]] + rows
-        if self.path is not None:
+        if self.path is not None and self.writer:
             _atomic_write_text(self._open() / LOG_FILE,
                                "".join(json.dumps(r) + "\n" for r in self.history))
         return rows[-1]
@@ -114,7 +115,7 @@ class RunDir:
 
     def plot(self, title: str) -> Path | None:
         """Each logged metric against the step, one panel each, as ``progress.png``."""
-        if self.path is None or not self.history:
+        if self.path is None or not self.history or not self.writer:
             return None
         import matplotlib
 
@@ -142,7 +143,7 @@ class RunDir:
     def save_checkpoint(self, state: dict) -> None:
         """Flush the log, then save ``state`` (atomically) with the run's identity, so that a
         run resumed from it (even after a kill) has a log of every step."""
-        if self.path is None:
+        if self.path is None or not self.writer:
             return
         self.flush()
         tmp = self._open() / (CHECKPOINT_FILE + ".tmp")

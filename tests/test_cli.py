@@ -37,7 +37,7 @@ def test_prune_eval_verify(tmp_path, capsys, model_dir):
     assert "pruned 14 layers to 2:4" in stdout
     meta = json.loads((out / "proxsparse.json").read_text())
     assert meta["method"] == "sparsegpt" and meta["nm"] == "2:4"
-    assert meta["hyperparameters"] == {"blocksize": 32, "dampening": 0.01}
+    assert meta["hyperparameters"] == {"blocksize": 32, "dampening": 0.01, "offload": ""}
     assert meta["calibration"] == {"source": str(text), "windows": 4, "seqlen": 32, "seed": 0}
     assert len(meta["layers"]) == 14 and meta["skipped"] == {}
 

@@ -2,15 +2,13 @@ import importlib.util
 import itertools
 import json
 import math
-import os
-import signal
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
-from proxsparse import NM, MaskProConfig, config_for, prune
+from proxsparse import NM, MaskProConfig, prune
 from proxsparse.cli import main
 from proxsparse.errors import ProxSparseError
 from proxsparse.export import save_masks
@@ -166,48 +164,6 @@ def test_same_seed_same_mask(tokenizer, calib, tmp_path):
     logs = [(tmp_path / f"{i}" / LOG_FILE).read_text() for i in range(3)]
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0]) and logs[0] == logs[1]
     assert logs[0] != logs[2]  # another seed draws other masks
-
-
-def test_interrupted_run_resumes_to_the_same_mask(tokenizer, calib, tmp_path, monkeypatch):
-    settings = dict(steps=8, checkpoint_every=100, log_every=3)
-    reference = learn(tokenizer, calib, **settings)[2].masks
-
-    run_dir = str(tmp_path / "run")
-    calls = {"n": 0}
-    real_draw = method._draw
-
-    def draw_then_ctrl_c(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 14 * 3 + 1:  # during step 3 (14 layers a step)
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_draw(*args, **kwargs)
-
-    monkeypatch.setattr(method, "_draw", draw_then_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        learn(tokenizer, calib, run_dir=run_dir, **settings)
-    monkeypatch.setattr(method, "_draw", real_draw)
-    assert torch.load(f"{run_dir}/checkpoint.pt", weights_only=True)["step"] == 4
-
-    resumed = learn(tokenizer, calib, run_dir=run_dir, resume=True, **settings)[2].masks
-    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
-    steps = [json.loads(line)["step"]
-             for line in open(f"{run_dir}/{LOG_FILE}").read().splitlines()]
-    assert steps == list(range(8))
-
-    with pytest.raises(ProxSparseError, match="settings differ"):
-        learn(tokenizer, calib, run_dir=run_dir, resume=True, **{**settings, "lr": 0.5})
-
-
-@pytest.mark.parametrize("prior", ["wanda", "sparsegpt"])
-def test_prior_method_gives_its_masks_over_the_pretrained_weights(tokenizer, calib, prior):
-    """With no steps the learned mask is the prior's; the weights under it are the pretrained
-    ones even where the prior method (SparseGPT) rewrites the kept weights."""
-    expected = prune(make_model(len(tokenizer)), config_for(prior), calib, progress=False).masks
-    with pytest.warns(UserWarning, match="ended on its prior mask"):
-        model, pretrained, result = learn(tokenizer, calib, prior=prior, steps=0)
-    for name, mask in result.masks.items():
-        assert torch.equal(mask, expected[name])
-        assert torch.equal(model.get_submodule(name).weight, pretrained[name + ".weight"] * mask)
 
 
 def test_prior_from_a_mask_file(tokenizer, calib, tmp_path):

@@ -177,3 +177,30 @@ def test_reconstruct_refuses_weights_that_are_already_masked(model, calib):
             t.module.weight.mul_(masks[t.name])
     with pytest.raises(ProxSparseError, match="dense weights"):
         reconstruct(model, targets, calib, masks, NM(2, 4), progress=False)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_offload_moves_one_block_at_a_time_and_prunes_the_same(tokenizer, calib, method,
+                                                               monkeypatch):
+    """--offload: each block goes to the device for its turn and back, in order (on this CPU
+    machine the device is the CPU: the masks are those of a run without offload)."""
+    from proxsparse.models import decoder_blocks
+
+    plain = make_model(len(tokenizer))
+    reference = prune(plain, config_for(method), calib, progress=False).masks
+    model = make_model(len(tokenizer))
+    blocks = {id(b): i for i, b in enumerate(decoder_blocks(model))}
+    moves = []
+    real_to = torch.nn.Module.to
+
+    def spy(self, *args, **kwargs):
+        if id(self) in blocks:
+            moves.append((blocks[id(self)], str(args[0] if args else kwargs.get("device"))))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", spy)
+    masks = prune(model, config_for(method, offload="cpu"), calib, progress=False).masks
+    assert moves == [(0, "cpu"), (0, "cpu"), (1, "cpu"), (1, "cpu")]
+    assert all(torch.equal(reference[k], masks[k]) for k in reference)
+    with pytest.raises(ProxSparseError, match="--offload"):
+        config_for(method, offload="tpu:0")

@@ -1,6 +1,4 @@
 import json
-import os
-import signal
 
 import pytest
 import torch
@@ -88,36 +86,6 @@ def test_train_all_restores_every_pretrained_parameter(tokenizer, calib):
         expected = pretrained[key] * result.masks[layer] if layer in result.masks else \
             pretrained[key]
         assert torch.equal(value, expected), key
-
-
-def test_interrupted_run_resumes_to_the_same_mask(tokenizer, calib, tmp_path, monkeypatch):
-    settings = dict(lambda1=5.0, steps=8, checkpoint_every=100, log_every=3)
-    reference = learn(tokenizer, calib, **settings)[2].masks
-
-    run_dir = str(tmp_path / "run")
-    calls = {"n": 0}
-    real_prox = method.prox_nm
-
-    def prox_then_ctrl_c(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 14 * 3 + 1:  # during step 3 (14 layers a step)
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_prox(*args, **kwargs)
-
-    monkeypatch.setattr(method, "prox_nm", prox_then_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        learn(tokenizer, calib, run_dir=run_dir, **settings)
-    monkeypatch.setattr(method, "prox_nm", real_prox)
-    assert torch.load(f"{run_dir}/checkpoint.pt", weights_only=True)["step"] == 4
-
-    resumed = learn(tokenizer, calib, run_dir=run_dir, resume=True, **settings)[2].masks
-    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
-    steps = [json.loads(line)["step"]
-             for line in open(f"{run_dir}/{LOG_FILE}").read().splitlines()]
-    assert steps == list(range(8))
-
-    with pytest.raises(Exception, match="settings differ"):
-        learn(tokenizer, calib, run_dir=run_dir, resume=True, **{**settings, "lr": 0.5})
 
 
 def test_input_scaled_regulariser_starts_from_the_wanda_mask(tokenizer, calib):

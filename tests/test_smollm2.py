@@ -92,3 +92,27 @@ def test_proxsparse_learning_steps(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     masks, nm = load_masks(out)
     assert all(c.valid for c in verify(reloaded, list(masks), nm, masks))
+
+
+def test_relu_substitution_meter_and_skipping_mlp_on_smollm2():
+    """The bare SiLU → ReLU swap (before any training) zeroes about two thirds of SmolLM2's
+    MLP intermediate; the skipping MLP gives the dense MLP's output on a real layer."""
+    from proxsparse.gated_mlp import ActivationSparsity, gated_mlps, substitute_relu
+    from proxsparse.runtime.skip_mlp import SkippingMLP
+
+    model, tokenizer = load_model("smollm2-135m", progress=False)
+    windows = eval_windows(tokenize(tokenizer, builtin_text()[-20_000:]), 128, max_windows=2)
+    with ActivationSparsity(model) as meter:
+        perplexity(model, windows, progress=False)
+    assert meter.shares()["overall"] < 0.01
+    substitute_relu(model)
+    with ActivationSparsity(model) as meter:
+        perplexity(model, windows, progress=False)
+    shares = meter.shares()
+    assert len(shares) == 31 and 0.5 < shares["overall"] < 0.8
+    mlp = gated_mlps(model)[10].module
+    x = torch.randn(1, 1, 576, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense = mlp(x)  # float32 sums in another order: equal to rounding of the output's scale
+        torch.testing.assert_close(SkippingMLP(mlp)(x), dense, rtol=1e-4,
+                                   atol=1e-4 * float(dense.abs().max()))

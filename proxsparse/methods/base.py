@@ -11,8 +11,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..errors import COUNT, SEED, check_options
-from ..models import Target
+from ..errors import COUNT, SEED, STEPS, check_options
+from ..models import Target, check_device
 from ..nm import NM
 from ..runlog import RunDir, check_run_dir, fingerprint
 
@@ -82,6 +82,21 @@ class PruneConfig:
 
 
 @dataclass
+class OneShotConfig(PruneConfig):
+    """Settings of the block-by-block one-shot methods (Wanda, SparseGPT)."""
+
+    offload: str = option("", "device that runs each decoder block in turn (e.g. cuda) while "
+                              "the model stays where it was loaded (--device cpu: host "
+                              "memory), so a model larger than the device prunes; \"\": "
+                              "where the model is", cli_default="where the model is")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.offload:
+            check_device(self.offload, flag="--offload")
+
+
+@dataclass
 class LearningConfig(PruneConfig):
     """Settings every learning method shares: where its run lives and how often it reports."""
 
@@ -94,21 +109,41 @@ class LearningConfig(PruneConfig):
     checkpoint_every: int = option(50, "save a checkpoint (for --resume) every this many steps")
     log_every: int = option(10, "write the log and update the progress bar every this many "
                                 "steps")
+    micro_batch_size: int = option(0, "windows per forward pass: a step's windows run in "
+                                      "micro-batches of this size, their gradients summed (less "
+                                      "activation memory); 0: all of a process's windows at "
+                                      "once")
+    learn_dtype: str = option("auto", "dtype of the weights while learning: float32, bfloat16 "
+                                      "or float16; auto: bfloat16 on accelerators, the model's "
+                                      "dtype on the CPU. Another dtype than the model's learns "
+                                      "a copy and keeps the model as the pretrained weights")
+    learn_device: str = option("", "device to learn on (\"\": the model's; under torchrun, "
+                                   "cuda:LOCAL_RANK where CUDA is available, else cpu). "
+                                   "Another device than the model's learns a copy there and "
+                                   "keeps the model, in host memory, as the pretrained weights",
+                               cli_default="the model's")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_options(self, checkpoint_every=COUNT, log_every=COUNT)
+        check_options(self, checkpoint_every=COUNT, log_every=COUNT,
+                      micro_batch_size=STEPS,
+                      learn_dtype=("auto", "float32", "bfloat16", "float16"))
+        if self.learn_device:
+            check_device(self.learn_device, flag="--learn-device")
         if self.run_dir:
             check_run_dir(Path(self.run_dir))
 
-    def open_run(self, targets: list[Target], calib: torch.Tensor) -> RunDir:
+    def open_run(self, targets: list[Target], calib: torch.Tensor,
+                 writer: bool = True) -> RunDir:
         """This run's directory. Its checkpoints resume only a run of the same identity: the
         settings, the ``context``, a fingerprint of the target weights (taken now, before any
-        learning) and one of the calibration tokens."""
+        learning) and one of the calibration tokens. ``writer=False`` (every process but the
+        first of a multi-process run) reads its checkpoints and writes nothing."""
         identity = {**self.identity(),
                     "weights": fingerprint([t.module.weight for t in targets]),
                     "calibration": fingerprint([calib], samples=calib.numel())}
-        return RunDir(self.run_dir or None, resume=self.resume, identity=identity)
+        return RunDir(self.run_dir or None, resume=self.resume, identity=identity,
+                      writer=writer)
 
 
 class Pruner(ABC):
@@ -120,6 +155,7 @@ class Pruner(ABC):
 
     config_class: ClassVar[type[PruneConfig]] = PruneConfig
     needs_calibration: ClassVar[bool] = True
+    multi_process: ClassVar[bool] = False  # learns across the processes torchrun launches
 
     def __init__(self, config: PruneConfig) -> None:
         self.config = config

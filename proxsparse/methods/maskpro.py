@@ -28,13 +28,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import COUNT, NON_NEGATIVE, POSITIVE, STEPS, ProxSparseError, check_options
 from ..export import load_masks
+from ..learning import (
+    LearningMethod,
+    Placement,
+    check_batching,
+    current_world,
+    launched_by_torchrun,
+    learn,
+)
 from ..models import Target
-from ..nm import NM, groups, pack_mask, topn_mask, unpack_mask
-from ..runlog import DeferredInterrupt, RunDir
+from ..nm import groups, pack_mask, topn_mask, unpack_mask
 from .base import LearningConfig, Pruner, option
 
 MAX_N = 4  # log p(set) sums over the N! orders a set can be drawn in: 24 for N = 4
@@ -164,7 +170,7 @@ def window_losses(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return loss.view(len(batch), -1).mean(-1)
 
 
-# --- the learning loop ---
+# --- the method on the learning loop ---
 
 
 @dataclass
@@ -197,127 +203,161 @@ class MaskPro(Pruner):
 
     def select_masks(self, model, targets, calib, progress=True):
         cfg: MaskProConfig = self.config
-        nm: NM = cfg.nm
-        if nm.n > MAX_N:
+        if cfg.nm.n > MAX_N:
             raise ProxSparseError(f"maskpro supports N ≤ {MAX_N} (it sums over the N! orders of "
-                                  f"a drawn set), not {nm}; use e.g. 2:4 or 4:8, or proxsparse")
-        if not 1 <= cfg.batch_size <= calib.shape[0]:
-            raise ProxSparseError(f"--batch-size {cfg.batch_size} must be between 1 and the "
-                                  f"{calib.shape[0]} calibration windows")
-        device = targets[0].module.weight.device
+                                  f"a drawn set), not {cfg.nm}; use e.g. 2:4 or 4:8, or "
+                                  "proxsparse")
+        if launched_by_torchrun():
+            raise ProxSparseError("maskpro learns in one process: run it without torchrun "
+                                  "(its weights are frozen, so one device holds them)")
+        world = current_world(cfg.learn_device)
+        check_batching(cfg.batch_size, calib.shape[0], world, cfg.micro_batch_size)
         run = cfg.open_run(targets, calib)
-        state = self._restore(run) if cfg.resume else None
+        with Placement(model, targets, world, cfg.learn_dtype) as placement:
+            learning = MaskProLearning(cfg, placement, calib, progress)
+            try:
+                return learn(learning, placement.model, run, steps=cfg.steps,
+                             windows=calib.shape[0], batch_size=cfg.batch_size, seed=cfg.seed,
+                             world=world, micro_batch_size=cfg.micro_batch_size,
+                             log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                             resume=cfg.resume, progress=progress)
+            finally:
+                learning.show_pretrained()  # however it ends, the weights are the pretrained
 
-        def by_position(x: torch.Tensor) -> torch.Tensor:
-            return groups(x, nm.m).flatten(0, 1).t()
 
-        weights = [by_position(t.module.weight.detach()) for t in targets]
+class MaskProLearning(LearningMethod):
+    """MaskPro's state and step on the shared loop: per layer the logits (as offsets from
+    C·prior), the paired prior losses L_0, the baseline δ and the sampler's generator."""
+
+    name = "maskpro"
+    backprop = False
+
+    def __init__(self, cfg: MaskProConfig, placement: Placement, calib: torch.Tensor,
+                 progress: bool) -> None:
+        self.cfg, self.placement, self.calib, self.progress = cfg, placement, calib, progress
+        self.targets = placement.targets
+        self.device = self.targets[0].module.weight.device
+        self.changed = None  # groups whose top-N logits differ from the prior, as last counted
+        self.layers: list[_Layer] = []
+
+    def show_pretrained(self) -> None:
+        """Put the pretrained weights back (the steps write pretrained × sampled mask)."""
+        with torch.no_grad():
+            for layer in self.layers:
+                layer.weight.copy_(layer.pretrained)
+
+    def _by_position(self, x: torch.Tensor) -> torch.Tensor:
+        return groups(x, self.cfg.nm.m).flatten(0, 1).t()
+
+    def setup(self, state: dict | None) -> None:
+        cfg, targets, device = self.cfg, self.targets, self.device
+        weights = [self._by_position(t.module.weight.detach()) for t in targets]
         pretrained = [w.contiguous() for w in weights]  # the one copy of the pretrained weights
         if state is None:
+            model = self.placement.model
             try:
-                priors = self._prior_masks(model, targets, calib, progress)
+                priors = self._prior_masks(model, targets, self.calib, self.progress)
             finally:
                 with torch.no_grad():  # Wanda and SparseGPT write into the weights
                     for weight, w0 in zip(weights, pretrained, strict=True):
                         weight.copy_(w0)
         else:
-            priors = {t.name: unpack_mask(packed, tuple(t.module.weight.shape), nm)
+            self._check_state(state)
+            priors = {t.name: unpack_mask(packed, tuple(t.module.weight.shape), cfg.nm)
                       for t, packed in zip(targets, state["priors"], strict=True)}
-        layers = []
+        self.layers = []
         for target, weight, w0 in zip(targets, weights, pretrained, strict=True):
-            prior = by_position(priors[target.name].to(device, torch.uint8)).contiguous()
-            layers.append(_Layer(weight, w0, prior, torch.zeros_like(w0, dtype=torch.float16)))
+            prior = self._by_position(priors[target.name].to(device, torch.uint8)).contiguous()
+            self.layers.append(_Layer(weight, w0, prior,
+                                      torch.zeros_like(w0, dtype=torch.float16)))
         del weights, pretrained, priors
-        generator = torch.Generator(device).manual_seed(cfg.seed)
-        baseline = torch.zeros((), device=device)  # δ
-        prior_loss = torch.zeros(calib.shape[0], device=device)  # L_0 per window, filled lazily
-        known = torch.zeros(calib.shape[0], dtype=torch.bool)  # host-side: which are filled
-        start = 0
+        count = self.calib.shape[0]
+        self.generator = torch.Generator(device).manual_seed(cfg.seed)
+        self.baseline = torch.zeros((), device=device)  # δ
+        self.prior_loss = torch.zeros(count, device=device)  # L_0 per window, filled lazily
+        self.known = torch.zeros(count, dtype=torch.bool)  # host-side: which are filled
         if state is not None:
-            start = min(state["step"], cfg.steps)
-            for layer, offset in zip(layers, state["offsets"], strict=True):
+            for layer, offset in zip(self.layers, state["offsets"], strict=True):
                 layer.offset.copy_(offset)
-            baseline = state["baseline"].to(device)
-            prior_loss, known = state["prior_loss"].to(device), state["known"]
-            generator.set_state(state["generator"])
+            self.baseline = state["baseline"].to(device)
+            self.prior_loss, self.known = state["prior_loss"].to(device), state["known"]
+            self.generator.set_state(state["generator"])
 
-        changed = None  # groups whose top-N logits differ from the prior, as of the last flush
-        was_training = model.training
-        model.eval()
-        bar = tqdm(range(start, cfg.steps), desc="maskpro", disable=not progress,
-                   initial=start, total=cfg.steps)
-        try:
-            with run, DeferredInterrupt() as interrupt, torch.no_grad():
-                for step in bar:
-                    windows = self._windows(step, calib.shape[0])
-                    self._fill_prior_losses(model, layers, calib, windows, prior_loss, known)
-                    explored = self._sample(layers, generator)
-                    loss = window_losses(model, calib[windows].to(device)).mean()
-                    residual = loss - prior_loss[windows.to(device)].mean()
-                    advantage = residual - baseline
-                    baseline = BASELINE_DECAY * baseline + (1 - BASELINE_DECAY) * residual
-                    self._update(layers, cfg.lr * advantage)
-                    done = step + 1
-                    flush = done % cfg.log_every == 0 or done == cfg.steps or interrupt.requested
-                    if flush or changed is None:  # a full pass over the logits: not every step
-                        changed = self._changed(layers)
-                    run.record(step, loss=loss, prior_loss=loss - residual, residual=residual,
-                               baseline=baseline, explored=explored, changed=changed)
-                    if flush:
-                        latest = run.flush()
-                        bar.set_postfix(loss=f"{latest['loss']:.3f}",
-                                        L0=f"{latest['prior_loss']:.3f}",
-                                        delta=f"{latest['baseline']:+.2g}",
-                                        changed=int(latest["changed"]))
-                    if done % cfg.checkpoint_every == 0 or interrupt.requested:
-                        self._checkpoint(run, done, layers, baseline, prior_loss, known,
-                                         generator)
-                    if interrupt.requested:
-                        raise KeyboardInterrupt
-        finally:
-            bar.close()
-            model.train(was_training)
-            with torch.no_grad():
-                for layer in layers:
-                    layer.weight.copy_(layer.pretrained)
-        run.finish(f"MaskPro {nm}: prior={cfg.prior}, C={cfg.logit_scale}, lr={cfg.lr}")
-        if int(self._changed(layers)) == 0:
+    def step(self, step, batches):
+        cfg, layers, model = self.cfg, self.layers, self.placement.model
+        windows = torch.cat(batches)
+        self._fill_prior_losses(model, windows)
+        explored = self._sample(layers, self.generator)
+        loss = torch.cat([window_losses(model, self.calib[b].to(self.device))
+                          for b in batches]).mean()
+        residual = loss - self.prior_loss[windows.to(self.device)].mean()
+        advantage = residual - self.baseline
+        self.baseline = BASELINE_DECAY * self.baseline + (1 - BASELINE_DECAY) * residual
+        self._update(layers, cfg.lr * advantage)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps or self.changed is None:
+            self.changed = self._changed(layers)  # a full pass over the logits: not every step
+        return {"loss": loss, "prior_loss": loss - residual, "residual": residual,
+                "baseline": self.baseline, "explored": explored, "changed": self.changed}
+
+    def postfix(self, latest):
+        return {"loss": f"{latest['loss']:.3f}", "L0": f"{latest['prior_loss']:.3f}",
+                "delta": f"{latest['baseline']:+.2g}", "changed": int(latest["changed"])}
+
+    def title(self):
+        cfg = self.cfg
+        return f"MaskPro {cfg.nm}: prior={cfg.prior}, C={cfg.logit_scale}, lr={cfg.lr}"
+
+    def state_dict(self):
+        return {
+            "priors": [pack_mask(layer.prior.t().contiguous().bool(), self.cfg.nm)
+                       for layer in self.layers],
+            "offsets": [layer.offset.cpu() for layer in self.layers],
+            "baseline": self.baseline.cpu(),
+            "prior_loss": self.prior_loss.cpu(),
+            "known": self.known.clone(),
+            "generator": self.generator.get_state(),
+        }
+
+    def _check_state(self, state: dict) -> None:
+        kinds = {"priors": list, "offsets": list, "baseline": torch.Tensor,
+                 "prior_loss": torch.Tensor, "known": torch.Tensor, "generator": torch.Tensor}
+        if not all(isinstance(state.get(k), kind) for k, kind in kinds.items()):
+            raise ProxSparseError("the checkpoint holds no MaskPro state; delete the run "
+                                  "directory to start afresh")
+
+    def finish(self):
+        cfg, nm = self.cfg, self.cfg.nm
+        self.show_pretrained()
+        if int(self._changed(self.layers)) == 0:
             warnings.warn(f"MaskPro ended on its prior mask: no group's top-{nm.n} logits changed "
                           f"in {cfg.steps} steps, so the result is the {cfg.prior!r} mask. More "
                           "steps or a smaller --logit-scale let it explore more (a much larger "
                           "--lr makes it unstable).", stacklevel=2)
         masks = {}
-        for target, layer in zip(targets, layers, strict=True):
+        for target, layer in zip(self.targets, self.layers, strict=True):
             logits = layer.logits(cfg.logit_scale).t().reshape(target.module.weight.shape)
             masks[target.name] = topn_mask(logits, nm)
         return masks
 
-    # --- pieces of the loop ---
+    # --- pieces of the step ---
 
-    def _windows(self, step: int, count: int) -> torch.Tensor:
-        """Indices of this step's windows: a seeded shuffle of the calibration set per epoch."""
-        size = self.config.batch_size
-        epoch, index = divmod(step, count // size)
-        order = torch.randperm(count,
-                               generator=torch.Generator().manual_seed(self.config.seed + epoch))
-        return order[index * size : (index + 1) * size]
-
-    def _fill_prior_losses(self, model, layers, calib, windows, prior_loss, known) -> None:
+    def _fill_prior_losses(self, model, windows: torch.Tensor) -> None:
         """L_0 of the windows not seen yet: one forward with the prior mask, once per window."""
-        missing = windows[~known[windows]]
+        missing = windows[~self.known[windows]]
         if len(missing) == 0:
             return
-        for layer in layers:
+        for layer in self.layers:
             layer.show(layer.prior.float())
-        prior_loss[missing.to(prior_loss.device)] = window_losses(
-            model, calib[missing].to(prior_loss.device))
-        known[missing] = True
+        self.prior_loss[missing.to(self.device)] = window_losses(
+            model, self.calib[missing].to(self.device))
+        self.known[missing] = True
 
     def _sample(self, layers: list[_Layer], generator: torch.Generator) -> torch.Tensor:
         """Sample this step's mask of every layer, put it on the weights and keep the gradient
         of its log-probability for the update. Returns how many groups the sample moved off the
         prior."""
-        cfg: MaskProConfig = self.config
+        cfg: MaskProConfig = self.cfg
         explored = torch.zeros((), device=layers[0].offset.device)
         for layer in layers:
             prior = layer.prior.float()
@@ -338,7 +378,7 @@ class MaskPro(Pruner):
         changed = torch.zeros((), device=layers[0].offset.device)
         for layer in layers:
             prior = layer.prior.float()
-            logits = layer.logits(self.config.logit_scale, prior)
+            logits = layer.logits(self.cfg.logit_scale, prior)
             # The top-N is still the prior while every kept logit beats every dropped one.
             highest_dropped = logits.add(prior, alpha=-FAR).amax(0)
             lowest_kept = logits.add(1 - prior, alpha=FAR).amin(0)
@@ -356,7 +396,7 @@ class MaskPro(Pruner):
         """m0: another method's masks on the same windows, or a saved mask file."""
         from . import PRUNERS, config_for, pruner_for  # here: the registry imports this module
 
-        cfg: MaskProConfig = self.config
+        cfg: MaskProConfig = self.cfg
         if cfg.prior in PRUNERS and cfg.prior != cfg.method:
             prior = config_for(cfg.prior, nm=cfg.nm, include=cfg.include, ignore=cfg.ignore,
                                seed=cfg.seed)
@@ -376,22 +416,3 @@ class MaskPro(Pruner):
                                       f"{target.name}: they were made for another model or "
                                       "other layers")
         return masks
-
-    def _checkpoint(self, run, step, layers, baseline, prior_loss, known, generator) -> None:
-        if run.path is None:
-            return
-        run.save_checkpoint({
-            "step": step,
-            "priors": [pack_mask(layer.prior.t().contiguous().bool(), self.config.nm)
-                       for layer in layers],
-            "offsets": [layer.offset.cpu() for layer in layers],
-            "baseline": baseline.cpu(),
-            "prior_loss": prior_loss.cpu(),
-            "known": known.clone(),
-            "generator": generator.get_state(),
-        })
-
-    def _restore(self, run: RunDir) -> dict | None:
-        return run.load_checkpoint({
-            "step": int, "priors": list, "offsets": list, "baseline": torch.Tensor,
-            "prior_loss": torch.Tensor, "known": torch.Tensor, "generator": torch.Tensor})

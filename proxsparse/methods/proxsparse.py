@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..activations import input_feature_norms
 from ..errors import (
@@ -28,10 +27,27 @@ from ..errors import (
     ProxSparseError,
     check_options,
 )
+from ..learning import (
+    LearningMethod,
+    Placement,
+    check_batching,
+    current_world,
+    launched_by_torchrun,
+    learn,
+)
+from ..learning.distributed import (
+    clip_grad_norm_,
+    full,
+    gather_optimizer_state,
+    gather_to_main,
+    load_optimizer_state,
+    local,
+    row_shard,
+)
+from ..learning.optimizers import STATES, adamw
 from ..models import check_device
 from ..nm import NM, groups, topn_mask
 from ..prox import prox_nm
-from ..runlog import DeferredInterrupt
 from .base import LearningConfig, Pruner, option
 from .sparsegpt import reconstruct
 
@@ -64,17 +80,21 @@ class ProxSparseConfig(LearningConfig):
     max_grad_norm: float = option(1.0, "clip the gradient to this norm before every step")
     train_all: bool = option(False, "also let the non-target parameters learn (as the paper's "
                                     "code); they return to their pretrained values at the end")
-    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: "
-                                                 "less memory, slower steps")
-    w0_device: str = option("", "device of the pretrained copy of the weights, e.g. cpu to save "
-                                "accelerator memory (\"\": beside the weights)",
-                            cli_default="beside the weights")
+    gradient_checkpointing: str = option("auto", "recompute activations in the backward pass "
+                                                 "(on/off): less memory, slower steps; auto: "
+                                                 "on accelerators only")
+    w0_device: str = option("", "device of the pretrained copy of the weights when learning in "
+                                "place (\"\": host memory on accelerators, else beside the "
+                                "weights)", cli_default="host memory on accelerators")
     input_scaled: bool = option(True, "regularise |W_ij|*||X_j|| (Wanda's score) instead of "
                                       "|W_ij|: the first mask is Wanda's")
     norm_windows: int = option(32, "calibration windows that measure the input norms ||X_j|| "
                                    "for --input-scaled")
     reconstruct: bool = option(False, "after choosing the mask, re-fit the kept weights by "
                                       "SparseGPT's update")
+    optimizer_states: str = option("auto", "precision of AdamW's two states: auto (the "
+                                           "learning dtype), 8bit (torchao's AdamW8bit: 2 bytes "
+                                           "per weight for both; pip install torchao)")
     compile_prox: bool = option(True, "torch.compile the 2:4 proximal step and the lambda2 "
                                       "term (only for models of 5M target weights or more)")
     method = "proxsparse"
@@ -85,8 +105,18 @@ class ProxSparseConfig(LearningConfig):
                       lambda1_ramp=SHARE, lambda2=NON_NEGATIVE, epsilon=POSITIVE,
                       lr=NON_NEGATIVE, steps=STEPS, batch_size=COUNT, warmup=SHARE,
                       max_grad_norm=POSITIVE, norm_windows=COUNT)
+        if isinstance(self.gradient_checkpointing, bool):
+            self.gradient_checkpointing = "on" if self.gradient_checkpointing else "off"
+        check_options(self, gradient_checkpointing=("auto", "on", "off"),
+                      optimizer_states=STATES)
         if self.w0_device:
             check_device(self.w0_device, flag="--w0-device")
+
+    def checkpoints_activations(self, device: torch.device) -> bool:
+        """Whether gradient checkpointing is on when learning on ``device``."""
+        if self.gradient_checkpointing == "auto":
+            return device.type not in ("cpu", "meta")
+        return self.gradient_checkpointing == "on"
 
 
 def lambda2_term(
@@ -152,28 +182,32 @@ def ramp(step: int, total: int, share: float) -> float:
     return 1.0 if step >= warm else (step + 1) / warm
 
 
-def nm_share(weights: list[torch.Tensor], nm: NM) -> torch.Tensor:
-    """Share of all groups that already hold at most N non-zeros (a tensor: no host sync)."""
-    done = sum((groups(w, nm.m) != 0).sum(-1).le(nm.n).sum() for w in weights)
-    total = sum(w.numel() // nm.m for w in weights)
-    return done / total
+def nm_done(weights: list[torch.Tensor], nm: NM) -> torch.Tensor:
+    """How many groups already hold at most N non-zeros (a tensor: no host sync)."""
+    return sum((groups(w, nm.m) != 0).sum(-1).le(nm.n).sum() for w in weights)
 
 
 class StepRegularisers:
     """What each learning step adds besides the loss gradient: the λ2 term's gradient, before
     the optimiser step, and the prox of λ1·R on the weights, after it.
 
-    ``weights``, ``pretrained`` (W0), ``lambdas`` (λ1 per layer) and ``scales`` (the column
-    scales the regulariser sees the weights through, or None) are aligned lists. With
+    ``params`` (whole or sharded), ``pretrained`` (W0, the rows this process holds),
+    ``lambdas`` (λ1 per layer) and ``scales`` (the column scales the regulariser sees the
+    weights through, or None) are aligned lists. With
     ``compiled`` both go through torch.compile (the prox's fused 2:4 kernel; one fused pass for
     λ2); if compilation fails, a warning is given and the eager code, same result, takes over.
     """
 
-    def __init__(self, cfg: ProxSparseConfig, weights: list[torch.Tensor],
+    def __init__(self, cfg: ProxSparseConfig, params: list[torch.Tensor],
                  pretrained: list[torch.Tensor], lambdas: list[float],
                  scales: list[torch.Tensor | None], compiled: bool = False) -> None:
-        self.cfg, self.weights, self.pretrained = cfg, weights, pretrained
+        self.cfg, self.params, self.pretrained = cfg, params, pretrained
         self.lambdas, self.scales, self.compiled = lambdas, scales, compiled
+
+    @property
+    def weights(self) -> list[torch.Tensor]:
+        """The weights this process holds (its rows of each, with several processes)."""
+        return [local(p) for p in self.params]
 
     @torch.no_grad()
     def add_lambda2_grad(self) -> torch.Tensor:
@@ -182,9 +216,9 @@ class StepRegularisers:
         total = torch.zeros((), device=self.weights[0].device)
         if cfg.lambda2 == 0:
             return total
-        for weight, w0 in zip(self.weights, self.pretrained, strict=True):
+        for param, w0 in zip(self.params, self.pretrained, strict=True):
             total += self._call(_compiled_add_lambda2_grad(), add_lambda2_grad,
-                                weight, w0, weight.grad, cfg.epsilon, cfg.lambda2)
+                                local(param), w0, local(param.grad), cfg.epsilon, cfg.lambda2)
         return total
 
     @torch.no_grad()
@@ -217,138 +251,150 @@ class StepRegularisers:
 
 class ProxSparse(Pruner):
     config_class = ProxSparseConfig
+    multi_process = True
 
     def select_masks(self, model, targets, calib, progress=True):
         cfg: ProxSparseConfig = self.config
-        if calib.shape[0] < cfg.batch_size:
-            raise ProxSparseError(f"--batch-size {cfg.batch_size} exceeds the "
-                                  f"{calib.shape[0]} calibration windows")
+        if cfg.optimizer_states == "8bit" and launched_by_torchrun():
+            raise ProxSparseError("--optimizer-states 8bit runs in one process (its sharded "
+                                  "states are not tested here): drop it under torchrun")
+        world = current_world(cfg.learn_device)
         steps = cfg.steps or math.ceil(calib.shape[0] / cfg.batch_size)
-        weights = [t.module.weight for t in targets]
-        scales = self._input_scales(model, targets, calib, progress)
-        requires_grad = {p: p.requires_grad for p in model.parameters()}
-        trainable = self._trainable(model, weights)
-        w0_device = cfg.w0_device or None
-        pretrained = {id(p): p.detach().to(w0_device, copy=True) for p in trainable}
-        regularisers = StepRegularisers(
-            cfg, weights, [pretrained[id(w)] for w in weights],
-            layer_lambdas(weights, cfg, scales), scales,
-            compiled=cfg.compile_prox and sum(w.numel() for w in weights) >= 5_000_000)
-
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, steps, cfg.warmup))
-        run = cfg.open_run(targets, calib)
-        start = self._restore(run, trainable, optimizer, schedule, steps) if cfg.resume else 0
-
-        device = weights[0].device
-        was_training = model.training
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        model.train()  # Llama-style blocks have no dropout; needed for gradient checkpointing
-        bar = tqdm(range(start, steps), desc="proxsparse", disable=not progress,
-                   initial=start, total=steps)
-        try:
-            with run, DeferredInterrupt() as interrupt:
-                for step in bar:
-                    batch = self._batch(calib, step, cfg).to(device)
-                    loss = model(batch, labels=batch, use_cache=False).loss
-                    loss.backward()
-                    reg = regularisers.add_lambda2_grad()
-                    torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                    optimizer.step()
-                    schedule.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    regularisers.prox_(ramp(step, steps, cfg.lambda1_ramp))
-                    run.record(step, loss=loss, lambda2_term=reg,
-                               nm_share=nm_share(weights, cfg.nm))
-                    done = step + 1
-                    if done % cfg.log_every == 0 or done == steps or interrupt.requested:
-                        latest = run.flush()
-                        bar.set_postfix(loss=f"{latest['loss']:.3f}",
-                                        nm=f"{latest['nm_share']:.3f}",
-                                        l2=f"{latest['lambda2_term']:.3g}")
-                    if done % cfg.checkpoint_every == 0 or interrupt.requested:
-                        self._checkpoint(run, done, trainable, optimizer, schedule)
-                    if interrupt.requested:
-                        raise KeyboardInterrupt
-        finally:
-            bar.close()
-            if cfg.gradient_checkpointing:
-                model.gradient_checkpointing_disable()
-            model.train(was_training)
-            for param, flag in requires_grad.items():
-                param.requires_grad_(flag)
-        run.finish(f"ProxSparse {cfg.nm}: λ1={cfg.lambda1}, λ2={cfg.lambda2}, lr={cfg.lr}")
-
-        masks = {}
-        with torch.no_grad():
-            for target, s in zip(targets, scales, strict=True):
-                score = target.module.weight.abs()
-                masks[target.name] = topn_mask(score if s is None else score * s, cfg.nm)
-            for param in trainable:  # back to the pretrained values; the caller applies masks
-                param.copy_(pretrained[id(param)])
+        check_batching(cfg.batch_size, calib.shape[0], world, cfg.micro_batch_size)
+        run = cfg.open_run(targets, calib, writer=world.is_main)
+        with Placement(model, targets, world, cfg.learn_dtype, cfg.w0_device) as placement:
+            learning = ProxSparseLearning(cfg, placement, calib, steps, progress)
+            masks = learn(learning, placement.model, run, steps=steps,
+                          windows=calib.shape[0], batch_size=cfg.batch_size, seed=cfg.seed,
+                          world=world, micro_batch_size=cfg.micro_batch_size,
+                          gradient_checkpointing=cfg.checkpoints_activations(placement.device),
+                          log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                          resume=cfg.resume, progress=progress)
         if cfg.reconstruct:
             reconstruct(model, targets, calib, masks, cfg.nm, progress=progress)
         return masks
 
-    # --- pieces of the loop ---
 
-    def _input_scales(self, model, targets, calib, progress) -> list[torch.Tensor | None]:
+class ProxSparseLearning(LearningMethod):
+    """ProxSparse's state and step on the shared loop: the learned weights (this rank's rows),
+    their pretrained values, AdamW and its schedule, and the two regularisers."""
+
+    name = "proxsparse"
+    backprop = True
+
+    def __init__(self, cfg: ProxSparseConfig, placement: Placement, calib: torch.Tensor,
+                 steps: int, progress: bool) -> None:
+        self.cfg, self.placement, self.calib = cfg, placement, calib
+        self.steps, self.progress = steps, progress
+        self.device = placement.targets[0].module.weight.device
+
+    def setup(self, state: dict | None) -> None:
+        cfg, placement = self.cfg, self.placement
+        self.params = [t.module.weight for t in placement.targets]
+        self.scales = self._input_scales()
+        self.trainable = self._trainable()
+        self.pretrained = dict(zip(map(id, self.trainable), placement.pretrained(self.trainable),
+                                   strict=True))
+        self.regularisers = StepRegularisers(
+            cfg, self.params, [self.pretrained[id(w)] for w in self.params],
+            layer_lambdas([placement.original_weight(t) for t in placement.targets], cfg,
+                          self.scales),
+            self.scales,
+            compiled=cfg.compile_prox and sum(w.numel() for w in self.params) >= 5_000_000)
+        self.total_groups = sum(w.numel() // cfg.nm.m for w in self.params)
+        self.optimizer = adamw(self.trainable, cfg.lr, cfg.optimizer_states)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.steps, cfg.warmup))
+        if state is not None:
+            self._load(state)
+
+    def step(self, step, batches):
+        cfg, world = self.cfg, self.placement.world
+        share = sum(len(b) for b in batches)
+        loss = torch.zeros((), device=self.device)
+        for windows in batches:
+            batch = self.calib[windows].to(self.device)
+            part = self.placement.model(batch, labels=batch, use_cache=False).loss
+            if len(batches) > 1:  # the mean over the share: each part weighs its windows
+                part = part * (len(windows) / share)
+            part.backward()
+            loss += part.detach()
+        reg = self.regularisers.add_lambda2_grad()
+        clip_grad_norm_(self.trainable, cfg.max_grad_norm, world)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.regularisers.prox_(ramp(step, self.steps, cfg.lambda1_ramp))
+        done = nm_done(self.regularisers.weights, cfg.nm)
+        if world.sharded:  # the metrics of the whole model: sums over the ranks
+            loss = world.all_sum(loss) / world.size
+            reg, done = world.all_sum(reg), world.all_sum(done)
+        return {"loss": loss, "lambda2_term": reg, "nm_share": done / self.total_groups}
+
+    def postfix(self, latest):
+        return {"loss": f"{latest['loss']:.3f}", "nm": f"{latest['nm_share']:.3f}",
+                "l2": f"{latest['lambda2_term']:.3g}"}
+
+    def title(self):
+        cfg = self.cfg
+        return f"ProxSparse {cfg.nm}: λ1={cfg.lambda1}, λ2={cfg.lambda2}, lr={cfg.lr}"
+
+    def state_dict(self):
+        world = self.placement.world  # rank 0 gathers the whole state; the others drop theirs
+        return {"params": [gather_to_main(p, world) for p in self.trainable],
+                "optimizer": gather_optimizer_state(self.optimizer, world),
+                "schedule": self.schedule.state_dict()}
+
+    def _load(self, state: dict) -> None:
+        if not (isinstance(state.get("params"), list) and isinstance(state.get("optimizer"), dict)
+                and isinstance(state.get("schedule"), dict)
+                and len(state["params"]) == len(self.trainable)):
+            raise ProxSparseError("the checkpoint holds no ProxSparse state for these weights; "
+                                  "delete the run directory to start afresh")
+        world = self.placement.world
+        with torch.no_grad():
+            for param, value in zip(self.trainable, state["params"], strict=True):
+                local(param).copy_(row_shard(value, world))
+        load_optimizer_state(self.optimizer, state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+
+    def finish(self):
+        cfg = self.cfg
+        masks = {}
+        with torch.no_grad():
+            for target, param, s in zip(self.placement.targets, self.params, self.scales,
+                                        strict=True):
+                score = full(param).abs()
+                masks[target.name] = topn_mask(score if s is None else score * s, cfg.nm)
+        self.placement.restore()  # the pretrained values back; the caller applies the masks
+        return masks
+
+    # --- pieces of the setup ---
+
+    def _input_scales(self) -> list[torch.Tensor | None]:
         """Per-layer column scales the regulariser sees the weights through: ‖X_j‖ normalised
-        to RMS 1 with ``input_scaled`` (so the first mask is Wanda's), else None (none)."""
-        if not self.config.input_scaled:
+        to RMS 1 with ``input_scaled`` (so the first mask is Wanda's), else None (none). Every
+        rank measures them on the same windows, so they agree without communication."""
+        cfg, targets = self.cfg, self.placement.targets
+        if not cfg.input_scaled:
             return [None] * len(targets)
+        model = self.placement.model
         was_training = model.training
         model.eval()
         try:
-            norms = input_feature_norms(model, targets, calib[: self.config.norm_windows],
-                                        progress=progress)
+            norms = input_feature_norms(model, targets, self.calib[: cfg.norm_windows],
+                                        progress=self.progress and self.placement.world.is_main)
         finally:
             model.train(was_training)
         scales = []
         for target in targets:
-            norm = norms[target.name].to(target.module.weight.device)
+            norm = norms[target.name].to(self.device)
             norm = norm / norm.square().mean().sqrt().clamp_min(1e-12)
             scales.append(norm.clamp_min(1e-3))  # silent features: pruned first, no 1/0
         return scales
 
-    def _trainable(self, model: nn.Module, weights: list[torch.Tensor]) -> list[nn.Parameter]:
-        if self.config.train_all:
-            params = list(model.parameters())
-        else:
-            target_ids = {id(w) for w in weights}
-            for p in model.parameters():
-                p.requires_grad_(id(p) in target_ids)
-            params = list(weights)
-        for p in params:
-            p.requires_grad_(True)
+    def _trainable(self) -> list[nn.Parameter]:
+        params = (list(self.placement.model.parameters()) if self.cfg.train_all
+                  else list(self.params))
+        self.placement.train_only(params)
         return params
-
-    def _batch(self, calib: torch.Tensor, step: int, cfg: ProxSparseConfig) -> torch.Tensor:
-        """Windows of this step: a seeded shuffle of the calibration set, one per epoch."""
-        per_epoch = calib.shape[0] // cfg.batch_size
-        epoch, index = divmod(step, per_epoch)
-        order = torch.randperm(calib.shape[0],
-                               generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        return calib[order[index * cfg.batch_size : (index + 1) * cfg.batch_size]]
-
-    def _checkpoint(self, run, step, trainable, optimizer, schedule) -> None:
-        run.save_checkpoint({
-            "step": step,
-            "params": [p.detach().cpu() for p in trainable],
-            "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(),
-        })
-
-    def _restore(self, run, trainable, optimizer, schedule, steps) -> int:
-        state = run.load_checkpoint({
-            "step": int, "params": list, "optimizer": dict, "schedule": dict})
-        if state is None:
-            return 0
-        with torch.no_grad():
-            for param, value in zip(trainable, state["params"], strict=True):
-                param.copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        return min(state["step"], steps)

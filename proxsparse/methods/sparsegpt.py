@@ -16,11 +16,11 @@ import torch
 from ..blockwise import prune_blockwise
 from ..errors import COUNT, NON_NEGATIVE, ProxSparseError, check_options
 from ..nm import NM, topn_mask
-from .base import PruneConfig, Pruner, option
+from .base import OneShotConfig, Pruner, option
 
 
 @dataclass
-class SparseGPTConfig(PruneConfig):
+class SparseGPTConfig(OneShotConfig):
     blocksize: int = option(128, "columns per block of the lazy batch update (a multiple of "
                                  "M): a speed setting, the method stays the same")
     dampening: float = option(0.01, "share of the mean Hessian diagonal added to its diagonal, "
@@ -125,11 +125,12 @@ def _obs_sweep(w: torch.Tensor, hinv: torch.Tensor, keep: torch.Tensor, nm: NM,
 def obs_blockwise(
     model: torch.nn.Module, targets: list, calib: torch.Tensor, nm: NM, blocksize: int = 128,
     dampening: float = 0.01, fixed: dict[str, torch.Tensor] | None = None,
-    progress: bool = True,
+    progress: bool = True, device: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """SparseGPT over the model, block by block on the already-pruned model's activations:
     every target is pruned and its kept weights re-fitted in place. With ``fixed`` (a mask per
-    target), those masks are kept as given and only the kept weights change. Returns the masks.
+    target), those masks are kept as given and only the kept weights change. With ``device``,
+    each block runs there in turn (see ``prune_blockwise``). Returns the masks.
     """
     masks: dict[str, torch.Tensor] = {}
     cache: dict = {"input": None, "hessian": None}
@@ -148,7 +149,7 @@ def obs_blockwise(
         weight.copy_(new_weight * mask)
         masks[target.name] = mask
 
-    prune_blockwise(model, targets, calib, prune_layer, progress)
+    prune_blockwise(model, targets, calib, prune_layer, progress, device=device)
     return masks
 
 
@@ -167,4 +168,4 @@ class SparseGPT(Pruner):
     def select_masks(self, model, targets, calib, progress=True):
         cfg: SparseGPTConfig = self.config
         return obs_blockwise(model, targets, calib, cfg.nm, cfg.blocksize, cfg.dampening,
-                             progress=progress)
+                             progress=progress, device=cfg.offload or None)

@@ -12,11 +12,11 @@ import torch
 
 from ..blockwise import prune_blockwise
 from ..nm import topn_mask
-from .base import PruneConfig, Pruner
+from .base import OneShotConfig, Pruner
 
 
 @dataclass
-class WandaConfig(PruneConfig):
+class WandaConfig(OneShotConfig):
     method = "wanda"
 
 
@@ -37,5 +37,6 @@ class Wanda(Pruner):
             weight.mul_(mask)
             masks[target.name] = mask
 
-        prune_blockwise(model, targets, calib, prune_layer, progress)
+        prune_blockwise(model, targets, calib, prune_layer, progress,
+                        device=self.config.offload or None)
         return masks

@@ -1,0 +1,100 @@
+"""Activation sparsity: the gated MLPs, the ReLU substitution, the zero meter, the skipping MLP."""
+
+import pytest
+import torch
+from torch import nn
+
+from proxsparse.errors import ProxSparseError
+from proxsparse.gated_mlp import ActivationSparsity, FATReLU, gated_mlps, substitute_relu
+from proxsparse.runtime.skip_mlp import SkippingMLP, skip_activation_zeros
+from tests.conftest import make_model
+
+
+def test_relu_substitution_changes_only_the_activation(tokenizer):
+    model = make_model(len(tokenizer))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mlps = substitute_relu(model)
+    assert [m.name for m in mlps] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert all(isinstance(m.module.act_fn, FATReLU) for m in mlps)
+    assert model.config.hidden_act == "relu"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    x = torch.randn(3, 64)
+    mlp = mlps[0].module
+    expected = mlp.down_proj(torch.relu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    torch.testing.assert_close(mlp(x), expected)
+
+
+def test_fatrelu_keeps_values_at_or_above_its_threshold():
+    x = torch.tensor([-1.0, 0.0, 0.005, 0.01, 0.5])
+    assert torch.equal(FATReLU(0.01)(x), torch.tensor([0.0, 0.0, 0.0, 0.01, 0.5]))
+    assert torch.equal(FATReLU(0.0)(x), torch.relu(x))
+
+
+def test_a_model_without_gated_mlps_is_refused():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Block(), Block()])
+
+    with pytest.raises(ProxSparseError, match="no gated MLP"):
+        gated_mlps(Plain())
+
+
+def test_meter_counts_the_zeros_entering_down_proj(tokenizer, calib):
+    model = make_model(len(tokenizer))
+    with ActivationSparsity(model) as meter:
+        model(calib[:2])
+    silu = meter.shares()
+    assert silu["overall"] == 0.0  # SiLU is never exactly 0
+    substitute_relu(model)
+    seen = []
+    hook = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].detach()))
+    with ActivationSparsity(model) as meter:
+        model(calib[:2])
+    hook.remove()
+    relu = meter.shares()
+    assert relu["model.layers.0.mlp"] == pytest.approx(float((seen[0] == 0).float().mean()))
+    assert 0.3 < relu["overall"] < 0.7  # about half of a random gate is negative
+    assert relu["overall"] == pytest.approx(
+        (relu["model.layers.0.mlp"] + relu["model.layers.1.mlp"]) / 2)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.05])
+def test_skipping_mlp_equals_the_dense_mlp(tokenizer, calib, threshold):
+    model = make_model(len(tokenizer))
+    substitute_relu(model, threshold)
+    x = torch.randn(1, 1, 64)
+    dense = [m.module(x) for m in gated_mlps(model)]
+    assert skip_activation_zeros(model) == 2
+    skipping = [m for m in model.modules() if isinstance(m, SkippingMLP)]
+    for mlp, expected in zip(skipping, dense, strict=True):
+        torch.testing.assert_close(mlp(x), expected, rtol=1e-5, atol=1e-6)
+        prefill = torch.randn(1, 5, 64)
+        torch.testing.assert_close(mlp(prefill), mlp.dense(prefill))
+    with torch.no_grad():
+        out = model.generate(calib[:1, :8], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 12)
+
+
+def test_eval_reports_activation_sparsity(model_dir, capsys, tmp_path):
+    import json
+
+    from proxsparse.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 100)
+    assert main(["eval", model_dir, "--text", str(text), "--seqlen", "32", "--max-windows", "2",
+                 "--activation-sparsity", "--json", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["activation_sparsity"]) == {"model.layers.0.mlp", "model.layers.1.mlp",
+                                                  "overall"}
+    assert report["activation_sparsity"]["overall"] == 0.0  # SiLU
+    assert main(["eval", model_dir, "--text", str(text), "--seqlen", "32", "--max-windows", "2",
+                 "--activation-sparsity", "--quiet"]) == 0
+    assert "overall (mean over layers)" in capsys.readouterr().out
