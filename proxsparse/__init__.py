@@ -16,6 +16,7 @@ from .learning.memory import MemoryPlan, plan_proxsparse
 from .methods import (
     MagnitudeConfig,
     MaskProConfig,
+    ProSparseConfig,
     ProxSparseConfig,
     PruneConfig,
     SparseGPTConfig,
@@ -29,7 +30,7 @@ from .runtime import PackedLinear, densify, sparsify
 __all__ = [
     "NM", "MagnitudeConfig", "MaskProConfig", "MemoryPlan", "PackedLinear", "Perplexity",
     "PruneConfig", "PruneResult",
-    "ProxSparseConfig", "ProxSparseError",
+    "ProSparseConfig", "ProxSparseConfig", "ProxSparseError",
     "SparseGPTConfig", "WandaConfig", "apply_masks", "calibration_windows", "config_for",
     "describe", "eval_windows", "find_targets", "load_masks", "load_model", "load_text",
     "densify", "perplexity", "plan_proxsparse", "prune", "save", "sparsify", "tokenize", "verify",

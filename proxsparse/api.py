@@ -55,6 +55,8 @@ def prune(
     torch.manual_seed(config.seed)
     start = time.perf_counter()
     masks = pruner.select_masks(model, targets, calib, progress=progress)
+    if not pruner.makes_masks:  # the method changed the model otherwise: no N:M layer
+        return PruneResult(config, {}, skipped, time.perf_counter() - start)
     with torch.no_grad():
         for target in targets:
             weight = target.module.weight
@@ -85,6 +87,7 @@ def describe(result: PruneResult, model: nn.Module, **context) -> dict:
         "seed": config.seed,
         "hyperparameters": config.settings(),
         "prune_seconds": round(result.seconds, 2),
+        **config.export_metadata(),
         **context,
         "targets": list(result.masks),
         "skipped": result.skipped,

@@ -306,6 +306,9 @@ def cmd_prune(args) -> int:
     out = export.save(model, tokenizer, args.out, result.masks, config.nm, metadata,
                       overwrite=args.overwrite, extra_files=tuple(run_dir.files()))
     run_dir.remove()  # the log and plot now live in the output; the checkpoint is done
+    if not result.masks:
+        print(f"{args.method} finished in {result.seconds:.1f}s; saved to {out}")
+        return 0
     sparsity = sum(s["sparsity"] for s in metadata["layers"].values()) / len(result.masks)
     print(f"pruned {len(result.masks)} layers to {config.nm} with {args.method} in "
           f"{result.seconds:.1f}s (mean sparsity {sparsity:.3f}); "

@@ -128,8 +128,28 @@ def load_model(
         ) from err
     if gguf_file:
         _forget_gguf_origin(model)
+    if gguf_file is None and not packed:
+        _restore_activation(model, Path(location))
     model.to(device).eval()
     return model, tokenizer
+
+
+def _restore_activation(model: nn.Module, location: Path) -> None:
+    """A ProSparse export says ``hidden_act="relu"`` in its config (what plain transformers
+    rebuilds) and its FATReLU threshold in proxsparse.json: put the threshold back."""
+    import json
+
+    path = location / "proxsparse.json"
+    if not path.is_file():
+        return
+    try:
+        activation = json.loads(path.read_text(encoding="utf-8")).get("activation")
+    except (OSError, ValueError, AttributeError):
+        return  # verify and read_metadata report a damaged file
+    if isinstance(activation, dict) and activation.get("kind") == "fatrelu":
+        from .gated_mlp import substitute_relu
+
+        substitute_relu(model, float(activation.get("threshold", 0.0)))
 
 
 _NOT_FOUND_FIX = "give a local directory, a .gguf file, a hub id or the alias smollm2-135m"

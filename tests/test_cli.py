@@ -535,7 +535,7 @@ def test_prune_help_describes_every_method_option(capsys, monkeypatch):
                 assert method in described[flag], (method, flag)
     assert "--steps STEPS proxsparse: optimizer steps; 0: one pass over the calibration windows" \
         in described["--steps"]
-    assert "maskpro; default 50 for proxsparse, 100 for maskpro" in described["--checkpoint-every"]
+    assert "default 50 for proxsparse, 100 for maskpro" in described["--checkpoint-every"]
 
 
 def test_quiet_silences_the_gguf_conversion_bar(capsys):

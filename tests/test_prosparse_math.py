@@ -58,3 +58,66 @@ def test_activation_l1_and_its_gradient_match_a_direct_computation(tokenizer, ca
         if name in grads:
             torch.testing.assert_close(grads[name], param.grad)
     assert any("gate_proj" in n for n in grads)  # it reaches the gates
+
+
+# --- the method ---
+
+def prosparse_run(tokenizer, calib, **settings):
+    from proxsparse import ProSparseConfig, prune
+
+    model = make_model(len(tokenizer))
+    config = ProSparseConfig(**{"steps": 6, "lr": 2e-3, "batch_size": 2, **settings})
+    return model, prune(model, config, calib, progress=False)
+
+
+def zero_share(model, calib) -> float:
+    from proxsparse.gated_mlp import ActivationSparsity
+
+    with ActivationSparsity(model) as meter, torch.no_grad():
+        model(calib)
+    return meter.shares()["overall"]
+
+
+def test_prosparse_swaps_in_fatrelu_and_the_l1_term_raises_sparsity(tokenizer, calib):
+    from proxsparse.gated_mlp import FATReLU
+
+    plain, result = prosparse_run(tokenizer, calib, stages="1:0", threshold=0.0)
+    assert result.masks == {}
+    assert all(isinstance(m.module.act_fn, FATReLU) for m in gated_mlps(plain))
+    assert plain.config.hidden_act == "relu"
+    penalised, _ = prosparse_run(tokenizer, calib, stages="0.2:0,1:2.0", threshold=0.0)
+    assert zero_share(penalised, calib) > zero_share(plain, calib) + 0.05
+    thresholded, _ = prosparse_run(tokenizer, calib, stages="1:0", threshold=0.05)
+    assert zero_share(thresholded, calib) > zero_share(plain, calib)
+    assert all(m.module.act_fn.threshold == 0.05 for m in gated_mlps(thresholded))
+
+
+def test_prosparse_export_reloads_with_its_threshold(model_dir, tmp_path, capsys):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from proxsparse import load_model
+    from proxsparse.cli import main
+
+    out = tmp_path / "out"
+    assert main(["prune", "--model", model_dir, "--method", "prosparse", "--steps", "2",
+                 "--calib-windows", "4", "--seqlen", "32", "--out", str(out), "--quiet"]) == 0
+    assert "prosparse finished" in capsys.readouterr().out
+    meta = json.loads((out / "proxsparse.json").read_text())
+    assert meta["activation"] == {"kind": "fatrelu", "threshold": 0.01}
+    model, _ = load_model(str(out))
+    assert all(m.module.act_fn.threshold == 0.01 for m in gated_mlps(model))
+    plain = AutoModelForCausalLM.from_pretrained(out)  # plain transformers: ReLU
+    assert plain.config.hidden_act == "relu"
+    assert main(["verify", str(out)]) == 0
+
+
+def test_prosparse_refuses_a_model_without_gated_mlps_and_a_learning_copy(tokenizer, calib):
+    from proxsparse import ProSparseConfig, prune
+
+    model = make_model(len(tokenizer))
+    with pytest.raises(ProxSparseError, match="in place"):
+        prune(model, ProSparseConfig(steps=1, learn_dtype="bfloat16"), calib, progress=False)
+    with pytest.raises(ProxSparseError, match="stages"):
+        ProSparseConfig(stages="0.5:1")

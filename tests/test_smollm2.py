@@ -116,3 +116,19 @@ def test_relu_substitution_meter_and_skipping_mlp_on_smollm2():
         dense = mlp(x)  # float32 sums in another order: equal to rounding of the output's scale
         torch.testing.assert_close(SkippingMLP(mlp)(x), dense, rtol=1e-4,
                                    atol=1e-4 * float(dense.abs().max()))
+
+
+def test_prosparse_smoke_run_on_smollm2():
+    """Two ProSparse steps on SmolLM2: ReLU in, trained, FATReLU out, mostly zeros."""
+    from proxsparse import ProSparseConfig
+    from proxsparse.gated_mlp import ActivationSparsity, FATReLU, gated_mlps
+
+    model, tokenizer = load_model("smollm2-135m", progress=False)
+    calib = calibration_windows(tokenizer, "builtin", 2, 64)
+    result = prune(model, ProSparseConfig(steps=2, lr=1e-5), calib, progress=False)
+    assert result.masks == {}
+    assert all(isinstance(m.module.act_fn, FATReLU) for m in gated_mlps(model))
+    windows = eval_windows(tokenize(tokenizer, builtin_text()[-20_000:]), 128, max_windows=2)
+    with ActivationSparsity(model) as meter:
+        ppl = perplexity(model, windows, progress=False).ppl
+    assert math.isfinite(ppl) and meter.shares()["overall"] > 0.5

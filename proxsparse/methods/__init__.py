@@ -6,12 +6,14 @@ from ..errors import ProxSparseError
 from .base import PruneConfig, Pruner
 from .magnitude import Magnitude, MagnitudeConfig
 from .maskpro import MaskPro, MaskProConfig
+from .prosparse import ProSparse, ProSparseConfig
 from .proxsparse import ProxSparse, ProxSparseConfig
 from .sparsegpt import SparseGPT, SparseGPTConfig
 from .wanda import Wanda, WandaConfig
 
 PRUNERS: dict[str, type[Pruner]] = {
-    cls.config_class.method: cls for cls in (Magnitude, Wanda, SparseGPT, ProxSparse, MaskPro)
+    cls.config_class.method: cls
+    for cls in (Magnitude, Wanda, SparseGPT, ProxSparse, MaskPro, ProSparse)
 }
 
 
@@ -32,4 +34,5 @@ def config_for(method: str, **settings) -> PruneConfig:
 __all__ = [
     "PRUNERS", "PruneConfig", "Pruner", "config_for", "pruner_for",
     "MagnitudeConfig", "WandaConfig", "SparseGPTConfig", "ProxSparseConfig", "MaskProConfig",
+    "ProSparseConfig",
 ]

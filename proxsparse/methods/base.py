@@ -67,6 +67,11 @@ class PruneConfig:
         self.include, self.ignore = tuple(self.include), tuple(self.ignore)
         check_options(self, seed=SEED)
 
+    def export_metadata(self) -> dict:
+        """What the export's proxsparse.json must say besides the settings (e.g. an
+        activation that plain transformers has no name for)."""
+        return {}
+
     def settings(self) -> dict:
         """The method's own knobs, for the export metadata."""
         shared = {f for f in PruneConfig.__dataclass_fields__}
@@ -156,6 +161,7 @@ class Pruner(ABC):
     config_class: ClassVar[type[PruneConfig]] = PruneConfig
     needs_calibration: ClassVar[bool] = True
     multi_process: ClassVar[bool] = False  # learns across the processes torchrun launches
+    makes_masks: ClassVar[bool] = True  # False: it changes the model otherwise (ProSparse)
 
     def __init__(self, config: PruneConfig) -> None:
         self.config = config

@@ -8,19 +8,37 @@ The tensor maths of the method, ahead of its learning loop (issue #14):
 - the penalty λ·Σ_layers mean_tokens ‖x₁‖₁ over the activated gates of the gated MLPs,
   collected by forward hooks as a differentiable sum (no host sync).
 
-The method itself (ReLU substitution, training on the shared loop, FATReLU at the end, the
-export) is not registered yet: ``proxsparse prune --method prosparse`` does not exist.
+Then the method on the shared loop: ReLU in every gated MLP, learning with the L1 term on the
+LM loss, FATReLU at the end. It learns in place, in one process.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..errors import ProxSparseError
-from ..gated_mlp import gated_mlps
+from ..errors import COUNT, NON_NEGATIVE, POSITIVE, SHARE, STEPS, ProxSparseError, check_options
+from ..gated_mlp import FATReLU, gated_mlps, substitute_relu
+from ..learning import (
+    LearningMethod,
+    Placement,
+    check_batching,
+    current_world,
+    launched_by_torchrun,
+    learn,
+)
+from ..learning.distributed import (
+    clip_grad_norm_,
+    gather_optimizer_state,
+    gather_to_main,
+    load_optimizer_state,
+)
+from ..learning.optimizers import adamw
+from .base import LearningConfig, Pruner, option
+from .proxsparse import lr_factor
 
 
 def parse_stages(text: str) -> list[tuple[float, float]]:
@@ -87,3 +105,133 @@ class ActivationL1:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+# --- the method on the shared learning loop ---
+
+@dataclass
+class ProSparseConfig(LearningConfig):
+    """Defaults sized for this machine's budget; DESIGN.md §9 has the published 7B schedule."""
+
+    stages: str = option("0.1:0,0.4:0.0005,0.7:0.002,1:0.002",
+                         "the L1 schedule: END:LAMBDA stages, END a share of the steps; inside "
+                         "a rising stage lambda follows a sine ramp, a stage with the previous "
+                         "lambda holds it")
+    threshold: float = option(0.01, "FATReLU threshold set at the end: activations below it "
+                                    "become 0 (0: plain ReLU)")
+    train: str = option("all", "which parameters learn: all, or mlp (the gated MLPs only)")
+    lr: float = option(3e-5, "AdamW learning rate (peak, after the warm-up)")
+    steps: int = option(0, "optimizer steps; 0: one pass over the calibration windows")
+    batch_size: int = option(1, "calibration windows per step")
+    warmup: float = option(0.1, "share of the steps with a linear learning-rate warm-up, then "
+                                "linear decay to 0")
+    max_grad_norm: float = option(1.0, "clip the gradient to this norm before every step")
+    method = "prosparse"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_options(self, threshold=NON_NEGATIVE, train=("all", "mlp"), lr=NON_NEGATIVE,
+                      steps=STEPS, batch_size=COUNT, warmup=SHARE, max_grad_norm=POSITIVE)
+        parse_stages(self.stages)
+
+    def export_metadata(self) -> dict:
+        return {"activation": {"kind": "fatrelu", "threshold": self.threshold}}
+
+
+class ProSparse(Pruner):
+    """Activation sparsity: ReLU in every gated MLP, then learning with the staged L1 penalty,
+    then FATReLU. It changes weights and the activation, and makes no N:M mask."""
+
+    config_class = ProSparseConfig
+    makes_masks = False
+
+    def select_masks(self, model, targets, calib, progress=True):
+        cfg: ProSparseConfig = self.config
+        if launched_by_torchrun():
+            raise ProxSparseError("prosparse learns in one process for now: run it without "
+                                  "torchrun")
+        world = current_world(cfg.learn_device)
+        steps = cfg.steps or math.ceil(calib.shape[0] / cfg.batch_size)
+        check_batching(cfg.batch_size, calib.shape[0], world, cfg.micro_batch_size)
+        run = cfg.open_run(targets, calib)
+        with Placement(model, targets, world, cfg.learn_dtype) as placement:
+            if not placement.in_place:
+                raise ProxSparseError("prosparse learns the model in place: load it in the "
+                                      "learning dtype on the learning device (--dtype, "
+                                      "--device) and leave --learn-dtype/--learn-device unset")
+            learning = ProSparseLearning(cfg, placement, calib, steps)
+            learn(learning, placement.model, run, steps=steps, windows=calib.shape[0],
+                  batch_size=cfg.batch_size, seed=cfg.seed, world=world,
+                  micro_batch_size=cfg.micro_batch_size, log_every=cfg.log_every,
+                  checkpoint_every=cfg.checkpoint_every, resume=cfg.resume, progress=progress)
+        return {}
+
+
+class ProSparseLearning(LearningMethod):
+    name = "prosparse"
+    backprop = True
+
+    def __init__(self, cfg: ProSparseConfig, placement: Placement, calib: torch.Tensor,
+                 steps: int) -> None:
+        self.cfg, self.placement, self.calib, self.steps = cfg, placement, calib, steps
+        self.stages = parse_stages(cfg.stages)
+        self.model = placement.model
+        self.device = next(self.model.parameters()).device
+
+    def setup(self, state):
+        cfg = self.cfg
+        mlps = substitute_relu(self.model, 0.0)
+        if cfg.train == "mlp":
+            self.trainable = [p for m in mlps for p in m.module.parameters()]
+        else:
+            self.trainable = list(self.model.parameters())
+        self.placement.train_only(self.trainable)
+        self.penalty = ActivationL1(self.model)
+        self.optimizer = adamw(self.trainable, cfg.lr)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.steps, cfg.warmup))
+        if state is not None:
+            with torch.no_grad():
+                for param, value in zip(self.trainable, state["params"], strict=True):
+                    param.copy_(value)
+            load_optimizer_state(self.optimizer, state["optimizer"])
+            self.schedule.load_state_dict(state["schedule"])
+
+    def step(self, step, batches):
+        lam = l1_lambda(step, self.steps, self.stages)
+        share = sum(len(b) for b in batches)
+        loss = torch.zeros((), device=self.device)
+        l1 = torch.zeros((), device=self.device)
+        with self.penalty:
+            for windows in batches:
+                batch = self.calib[windows].to(self.device)
+                self.penalty.reset()
+                lm = self.placement.model(batch, labels=batch, use_cache=False).loss
+                term = self.penalty.total
+                weight = len(windows) / share
+                ((lm + lam * term) * weight).backward()
+                loss += lm.detach() * weight
+                l1 += term.detach() * weight
+        clip_grad_norm_(self.trainable, self.cfg.max_grad_norm, self.placement.world)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss, "l1": l1, "lambda": torch.tensor(lam)}
+
+    def postfix(self, latest):
+        return {"loss": f"{latest['loss']:.3f}", "l1": f"{latest['l1']:.3g}",
+                "lambda": f"{latest['lambda']:.2g}"}
+
+    def title(self):
+        return f"ProSparse: stages {self.cfg.stages}, lr={self.cfg.lr}"
+
+    def state_dict(self):
+        world = self.placement.world
+        return {"params": [gather_to_main(p, world) for p in self.trainable],
+                "optimizer": gather_optimizer_state(self.optimizer, world),
+                "schedule": self.schedule.state_dict()}
+
+    def finish(self):
+        for mlp in self.penalty.mlps:
+            mlp.module.act_fn = FATReLU(self.cfg.threshold)
+        return {}
