@@ -68,3 +68,31 @@ def restore_quantised(optimizer: torch.optim.Optimizer,
             for name in names:
                 getattr(buffer, name).copy_(saved[name])
         optimizer.state[param][key] = buffer
+
+
+def training_state(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                   schedule, world) -> dict:
+    """A checkpoint of learned weights, their optimizer and its schedule, gathered whole on
+    rank 0 (a collective; the other ranks hold None in it)."""
+    from .distributed import gather_optimizer_state, gather_to_main
+
+    return {"params": [gather_to_main(p, world) for p in params],
+            "optimizer": gather_optimizer_state(optimizer, world),
+            "schedule": schedule.state_dict()}
+
+
+def load_training_state(state: dict, params: list[torch.nn.Parameter],
+                        optimizer: torch.optim.Optimizer, schedule, world) -> None:
+    """Restore a :func:`training_state`, each rank taking its rows."""
+    from .distributed import load_optimizer_state, local, row_shard
+
+    if not (isinstance(state.get("params"), list) and isinstance(state.get("optimizer"), dict)
+            and isinstance(state.get("schedule"), dict)
+            and len(state["params"]) == len(params)):
+        raise ProxSparseError("the checkpoint holds no learning state for these weights; "
+                              "delete the run directory to start afresh")
+    with torch.no_grad():
+        for param, value in zip(params, state["params"], strict=True):
+            local(param).copy_(row_shard(value, world))
+    load_optimizer_state(optimizer, state["optimizer"])
+    schedule.load_state_dict(state["schedule"])

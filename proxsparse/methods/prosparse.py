@@ -32,11 +32,8 @@ from ..learning import (
 )
 from ..learning.distributed import (
     clip_grad_norm_,
-    gather_optimizer_state,
-    gather_to_main,
-    load_optimizer_state,
 )
-from ..learning.optimizers import adamw
+from ..learning.optimizers import adamw, load_training_state, training_state
 from .base import LearningConfig, Pruner, option
 from .proxsparse import lr_factor
 
@@ -191,11 +188,8 @@ class ProSparseLearning(LearningMethod):
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.steps, cfg.warmup))
         if state is not None:
-            with torch.no_grad():
-                for param, value in zip(self.trainable, state["params"], strict=True):
-                    param.copy_(value)
-            load_optimizer_state(self.optimizer, state["optimizer"])
-            self.schedule.load_state_dict(state["schedule"])
+            load_training_state(state, self.trainable, self.optimizer, self.schedule,
+                                self.placement.world)
 
     def step(self, step, batches):
         lam = l1_lambda(step, self.steps, self.stages)
@@ -226,10 +220,8 @@ class ProSparseLearning(LearningMethod):
         return f"ProSparse: stages {self.cfg.stages}, lr={self.cfg.lr}"
 
     def state_dict(self):
-        world = self.placement.world
-        return {"params": [gather_to_main(p, world) for p in self.trainable],
-                "optimizer": gather_optimizer_state(self.optimizer, world),
-                "schedule": self.schedule.state_dict()}
+        return training_state(self.trainable, self.optimizer, self.schedule,
+                              self.placement.world)
 
     def finish(self):
         for mlp in self.penalty.mlps:

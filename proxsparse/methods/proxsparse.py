@@ -38,13 +38,9 @@ from ..learning import (
 from ..learning.distributed import (
     clip_grad_norm_,
     full,
-    gather_optimizer_state,
-    gather_to_main,
-    load_optimizer_state,
     local,
-    row_shard,
 )
-from ..learning.optimizers import STATES, adamw
+from ..learning.optimizers import STATES, adamw, load_training_state, training_state
 from ..models import check_device
 from ..nm import NM, groups, topn_mask
 from ..prox import prox_nm
@@ -306,7 +302,8 @@ class ProxSparseLearning(LearningMethod):
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.steps, cfg.warmup))
         if state is not None:
-            self._load(state)
+            load_training_state(state, self.trainable, self.optimizer, self.schedule,
+                                placement.world)
 
     def step(self, step, batches):
         cfg, world = self.cfg, self.placement.world
@@ -340,23 +337,8 @@ class ProxSparseLearning(LearningMethod):
         return f"ProxSparse {cfg.nm}: λ1={cfg.lambda1}, λ2={cfg.lambda2}, lr={cfg.lr}"
 
     def state_dict(self):
-        world = self.placement.world  # rank 0 gathers the whole state; the others drop theirs
-        return {"params": [gather_to_main(p, world) for p in self.trainable],
-                "optimizer": gather_optimizer_state(self.optimizer, world),
-                "schedule": self.schedule.state_dict()}
-
-    def _load(self, state: dict) -> None:
-        if not (isinstance(state.get("params"), list) and isinstance(state.get("optimizer"), dict)
-                and isinstance(state.get("schedule"), dict)
-                and len(state["params"]) == len(self.trainable)):
-            raise ProxSparseError("the checkpoint holds no ProxSparse state for these weights; "
-                                  "delete the run directory to start afresh")
-        world = self.placement.world
-        with torch.no_grad():
-            for param, value in zip(self.trainable, state["params"], strict=True):
-                local(param).copy_(row_shard(value, world))
-        load_optimizer_state(self.optimizer, state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
+        return training_state(self.trainable, self.optimizer, self.schedule,
+                              self.placement.world)
 
     def finish(self):
         cfg = self.cfg
