@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .errors import ProxSparseError
+from .learning.distributed import launched_by_torchrun
 from .methods import PruneConfig, pruner_for
 from .models import check_finite, find_targets
 from .nm import is_valid_nm, mask_is_exact
@@ -49,6 +50,9 @@ def prune(
     targets, skipped = find_targets(model, config.nm, config.include, config.ignore)
     check_finite(targets)
     pruner = pruner_for(config)
+    if launched_by_torchrun() and not pruner.multi_process:
+        raise ProxSparseError(f"{config.method} runs in one process: run it without torchrun "
+                              "(proxsparse learns across processes)")
     if pruner.needs_calibration and calib is None:
         raise ProxSparseError(f"method {config.method!r} needs calibration windows (calib=...)")
 

@@ -90,21 +90,21 @@ def learn(
     method: LearningMethod,
     model: nn.Module,
     run: RunDir,
+    config,
     *,
     steps: int,
     windows: int,
-    batch_size: int,
-    seed: int,
     world: World,
-    micro_batch_size: int = 0,
     gradient_checkpointing: bool = False,
-    log_every: int = 10,
-    checkpoint_every: int = 50,
-    resume: bool = False,
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Run ``method`` for ``steps`` steps on ``model`` (the module its steps run; with several
-    processes, the sharded one) and return its masks."""
+    processes, the sharded one) over ``windows`` calibration windows, with the batching,
+    logging and checkpoint settings of ``config`` (a ``LearningConfig`` with a
+    ``batch_size``), and return its masks."""
+    batch_size, micro_batch_size = config.batch_size, config.micro_batch_size
+    log_every, checkpoint_every, resume = config.log_every, config.checkpoint_every, config.resume
+    seed = config.seed
     check_batching(batch_size, windows, world, micro_batch_size)
     state = run.load_checkpoint(CHECKPOINT_FIELDS) if resume else None
     method.setup(state["method"] if state is not None else None)

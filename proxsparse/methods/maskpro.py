@@ -34,9 +34,7 @@ from ..export import load_masks
 from ..learning import (
     LearningMethod,
     Placement,
-    check_batching,
     current_world,
-    launched_by_torchrun,
     learn,
 )
 from ..models import Target
@@ -207,20 +205,13 @@ class MaskPro(Pruner):
             raise ProxSparseError(f"maskpro supports N ≤ {MAX_N} (it sums over the N! orders of "
                                   f"a drawn set), not {cfg.nm}; use e.g. 2:4 or 4:8, or "
                                   "proxsparse")
-        if launched_by_torchrun():
-            raise ProxSparseError("maskpro learns in one process: run it without torchrun "
-                                  "(its weights are frozen, so one device holds them)")
         world = current_world(cfg.learn_device)
-        check_batching(cfg.batch_size, calib.shape[0], world, cfg.micro_batch_size)
         run = cfg.open_run(targets, calib)
         with Placement(model, targets, world, cfg.learn_dtype) as placement:
             learning = MaskProLearning(cfg, placement, calib, progress)
             try:
-                return learn(learning, placement.model, run, steps=cfg.steps,
-                             windows=calib.shape[0], batch_size=cfg.batch_size, seed=cfg.seed,
-                             world=world, micro_batch_size=cfg.micro_batch_size,
-                             log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
-                             resume=cfg.resume, progress=progress)
+                return learn(learning, placement.model, run, cfg, steps=cfg.steps,
+                             windows=calib.shape[0], world=world, progress=progress)
             finally:
                 learning.show_pretrained()  # however it ends, the weights are the pretrained
 

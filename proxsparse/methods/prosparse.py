@@ -25,9 +25,7 @@ from ..gated_mlp import FATReLU, gated_mlps, substitute_relu
 from ..learning import (
     LearningMethod,
     Placement,
-    check_batching,
     current_world,
-    launched_by_torchrun,
     learn,
 )
 from ..learning.distributed import (
@@ -144,12 +142,8 @@ class ProSparse(Pruner):
 
     def select_masks(self, model, targets, calib, progress=True):
         cfg: ProSparseConfig = self.config
-        if launched_by_torchrun():
-            raise ProxSparseError("prosparse learns in one process for now: run it without "
-                                  "torchrun")
         world = current_world(cfg.learn_device)
         steps = cfg.steps or math.ceil(calib.shape[0] / cfg.batch_size)
-        check_batching(cfg.batch_size, calib.shape[0], world, cfg.micro_batch_size)
         run = cfg.open_run(targets, calib)
         with Placement(model, targets, world, cfg.learn_dtype) as placement:
             if not placement.in_place:
@@ -157,10 +151,8 @@ class ProSparse(Pruner):
                                       "learning dtype on the learning device (--dtype, "
                                       "--device) and leave --learn-dtype/--learn-device unset")
             learning = ProSparseLearning(cfg, placement, calib, steps)
-            learn(learning, placement.model, run, steps=steps, windows=calib.shape[0],
-                  batch_size=cfg.batch_size, seed=cfg.seed, world=world,
-                  micro_batch_size=cfg.micro_batch_size, log_every=cfg.log_every,
-                  checkpoint_every=cfg.checkpoint_every, resume=cfg.resume, progress=progress)
+            learn(learning, placement.model, run, cfg, steps=steps, windows=calib.shape[0],
+                  world=world, progress=progress)
         return {}
 
 

@@ -30,7 +30,6 @@ from ..errors import (
 from ..learning import (
     LearningMethod,
     Placement,
-    check_batching,
     current_world,
     launched_by_torchrun,
     learn,
@@ -256,16 +255,13 @@ class ProxSparse(Pruner):
                                   "states are not tested here): drop it under torchrun")
         world = current_world(cfg.learn_device)
         steps = cfg.steps or math.ceil(calib.shape[0] / cfg.batch_size)
-        check_batching(cfg.batch_size, calib.shape[0], world, cfg.micro_batch_size)
         run = cfg.open_run(targets, calib, writer=world.is_main)
         with Placement(model, targets, world, cfg.learn_dtype, cfg.w0_device) as placement:
             learning = ProxSparseLearning(cfg, placement, calib, steps, progress)
-            masks = learn(learning, placement.model, run, steps=steps,
-                          windows=calib.shape[0], batch_size=cfg.batch_size, seed=cfg.seed,
-                          world=world, micro_batch_size=cfg.micro_batch_size,
+            masks = learn(learning, placement.model, run, cfg, steps=steps,
+                          windows=calib.shape[0], world=world,
                           gradient_checkpointing=cfg.checkpoints_activations(placement.device),
-                          log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
-                          resume=cfg.resume, progress=progress)
+                          progress=progress)
         if cfg.reconstruct:
             reconstruct(model, targets, calib, masks, cfg.nm, progress=progress)
         return masks
