@@ -28,7 +28,6 @@ and every parameter count are exact. What is added to them:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -212,7 +211,3 @@ def load_config(spec: str, trust_remote_code: bool = False):
     except OSError as err:
         raise ProxSparseError(f"cannot read the config of {spec!r}: give a hub id, a checkpoint "
                               f"directory or a config .json ({str(err).splitlines()[0]})") from err
-
-
-def ceil_gb(value: float) -> int:
-    return math.ceil(value / GB)
