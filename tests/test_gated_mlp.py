@@ -3,6 +3,7 @@
 import pytest
 import torch
 from torch import nn
+from transformers import LlamaConfig
 
 from proxsparse.errors import ProxSparseError
 from proxsparse.gated_mlp import ActivationSparsity, FATReLU, gated_mlps, substitute_relu
@@ -65,21 +66,59 @@ def test_meter_counts_the_zeros_entering_down_proj(tokenizer, calib):
         (relu["model.layers.0.mlp"] + relu["model.layers.1.mlp"]) / 2)
 
 
+@pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize("threshold", [0.0, 0.05])
-def test_skipping_mlp_equals_the_dense_mlp(tokenizer, calib, threshold):
+def test_skipping_mlp_equals_the_dense_mlp(tokenizer, calib, threshold, kernel):
     model = make_model(len(tokenizer))
     substitute_relu(model, threshold)
-    x = torch.randn(1, 1, 64)
-    dense = [m.module(x) for m in gated_mlps(model)]
-    assert skip_activation_zeros(model) == 2
+    x = torch.randn(1, 3, 64)
+    prefill = torch.randn(1, 5, 64)
+    dense = [(m.module(x), m.module(prefill)) for m in gated_mlps(model)]
+    assert skip_activation_zeros(model, max_tokens=3, kernel=kernel) == 2
     skipping = [m for m in model.modules() if isinstance(m, SkippingMLP)]
-    for mlp, expected in zip(skipping, dense, strict=True):
+    for mlp, (expected, expected_prefill) in zip(skipping, dense, strict=True):
+        assert mlp.kernel == kernel and mlp.layouts == {"up": "dense", "down": "dense"}
         torch.testing.assert_close(mlp(x), expected, rtol=1e-5, atol=1e-6)
-        prefill = torch.randn(1, 5, 64)
-        torch.testing.assert_close(mlp(prefill), mlp.dense(prefill))
+        torch.testing.assert_close(mlp(prefill), expected_prefill)
+        torch.testing.assert_close(mlp.to_dense()(x), expected)
     with torch.no_grad():
         out = model.generate(calib[:1, :8], max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 12)
+
+
+@pytest.mark.parametrize("hidden", [64, 72])  # 72: a row that is not whole 16-input words
+def test_skipping_mlp_on_two_of_four_weights_reads_bitmap_rows(hidden):
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from proxsparse.nm import NM, topn_mask
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=96, hidden_act="relu",
+                         num_attention_heads=4)
+    mlp = LlamaMLP(config)
+    with torch.no_grad():
+        for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            linear.weight.mul_(topn_mask(linear.weight.abs(), NM(2, 4)))
+    x = torch.randn(2, hidden)
+    skipping = SkippingMLP(mlp, max_tokens=2)
+    assert skipping.layouts == {"up": "bitmap", "down": "bitmap"}
+    dense_bytes = 2 * mlp.up_proj.weight.numel() * 4
+    assert skipping.weight_nbytes - mlp.gate_proj.weight.numel() * 4 < 0.6 * dense_bytes
+    torch.testing.assert_close(skipping(x), mlp(x), rtol=1e-5, atol=1e-5)
+    prefill = torch.randn(4, hidden)
+    torch.testing.assert_close(skipping(prefill), mlp(prefill), rtol=1e-5, atol=1e-5)
+
+
+def test_skipping_mlp_in_bfloat16():
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=64, intermediate_size=96, hidden_act="relu"))
+    mlp = mlp.to(torch.bfloat16)
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    skipping = SkippingMLP(mlp)
+    assert skipping.layouts["up"] == "dense" and skipping.up_values.dtype == torch.bfloat16
+    torch.testing.assert_close(skipping(x).float(), mlp(x).float(), rtol=2e-2, atol=2e-2)
 
 
 def test_eval_reports_activation_sparsity(model_dir, capsys, tmp_path):

@@ -74,11 +74,13 @@ def l1_lambda(step: int, total: int, stages: list[tuple[float, float]]) -> float
 
 class ActivationL1:
     """Context manager: while open, ``total`` is Σ_layers mean over tokens of ‖act(gate(x))‖₁
-    for the forward passes run since the last ``reset()``, with its autograd graph."""
+    for the forward passes run since the last ``reset()``, with its autograd graph, and
+    ``zeros`` the share of exact zeros among those activations (detached)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.mlps = gated_mlps(model)
         self.total: torch.Tensor | None = None
+        self._zeros: list[torch.Tensor] = []
         self._handles = []
 
     def __enter__(self) -> ActivationL1:
@@ -92,9 +94,15 @@ class ActivationL1:
     def _add(self, _module, _args, output: torch.Tensor) -> None:
         term = output.abs().sum(-1).mean()  # ‖x₁‖₁ per token, averaged over the tokens
         self.total = term if self.total is None else self.total + term
+        self._zeros.append((output.detach() == 0).float().mean())
+
+    @property
+    def zeros(self) -> torch.Tensor:
+        return torch.stack(self._zeros).mean()
 
     def reset(self) -> None:
         self.total = None
+        self._zeros = []
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
@@ -188,6 +196,7 @@ class ProSparseLearning(LearningMethod):
         share = sum(len(b) for b in batches)
         loss = torch.zeros((), device=self.device)
         l1 = torch.zeros((), device=self.device)
+        zeros = torch.zeros((), device=self.device)
         with self.penalty:
             for windows in batches:
                 batch = self.calib[windows].to(self.device)
@@ -198,14 +207,16 @@ class ProSparseLearning(LearningMethod):
                 ((lm + lam * term) * weight).backward()
                 loss += lm.detach() * weight
                 l1 += term.detach() * weight
+                zeros += self.penalty.zeros * weight
         clip_grad_norm_(self.trainable, self.cfg.max_grad_norm, self.placement.world)
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss, "l1": l1, "lambda": torch.tensor(lam)}
+        return {"loss": loss, "l1": l1, "zeros": zeros, "lambda": torch.tensor(lam)}
 
     def postfix(self, latest):
         return {"loss": f"{latest['loss']:.3f}", "l1": f"{latest['l1']:.3g}",
+                "zeros": f"{latest['zeros']:.1%}",
                 "lambda": f"{latest['lambda']:.2g}"}
 
     def title(self):

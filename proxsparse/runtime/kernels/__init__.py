@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-SOURCE = Path(__file__).with_name("nm24_cpu.cpp")
+HERE = Path(__file__).parent
 
 # What the kernel may use, best first; tests force the lower ones to check every path.
 ISAS = {"avx512": 2, "avx2": 1, "portable": 0}
@@ -26,13 +26,24 @@ class KernelUnavailable(RuntimeError):
 @functools.cache
 def nm24() -> ModuleType:
     """The compiled 2:4 kernel module (``matmul``, ``unpack``, ``best_isa``)."""
+    return _build("nm24_cpu")
+
+
+@functools.cache
+def skip_mlp() -> ModuleType:
+    """The compiled activation-skipping MLP module (``skip_mlp``, ``to_bitmap``,
+    ``from_bitmap``, ``vectorised``)."""
+    return _build("skip_mlp_cpu")
+
+
+def _build(stem: str) -> ModuleType:
     _put_ninja_on_path()
     try:
         from torch.utils.cpp_extension import load
 
         # -fopenmp: at::parallel_for is OpenMP in torch's CPU builds, and only threads when
         # the extension itself is compiled with it (without, it silently runs on one thread)
-        return load(name="proxsparse_nm24_cpu", sources=[str(SOURCE)],
+        return load(name=f"proxsparse_{stem}", sources=[str(HERE / f"{stem}.cpp")],
                     extra_cflags=["-O3", "-std=c++17", "-fopenmp"], extra_ldflags=["-fopenmp"],
                     verbose=False)
     except Exception as err:  # no compiler, no ninja, unsupported platform, ...
