@@ -22,6 +22,7 @@ import proxsparse as ps
 from proxsparse.gated_mlp import gated_mlps
 from proxsparse.runtime.module import set_module
 from proxsparse.runtime.skip_mlp import SkippingMLP
+from proxsparse.runtime.speed import decode_time
 
 PROMPT = "The history of the city begins"
 
@@ -59,29 +60,26 @@ def main() -> None:
                 module(token)
         return time.perf_counter() - start
 
-    def decode(modules: dict) -> tuple[float, torch.Tensor]:
+    def use(modules: dict) -> None:
         for name, module in modules.items():
             set_module(model, name, module)
-        out = None
-        times = []
-        for tokens in (1, args.new_tokens):
-            start = time.perf_counter()
-            out = model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens,
-                                 do_sample=False, pad_token_id=0)
-            times.append(time.perf_counter() - start)
-        return (times[1] - times[0]) / (args.new_tokens - 1), out
 
-    for modules in (dense, skipping):  # warm-up
+    def greedy(modules: dict) -> torch.Tensor:
+        use(modules)
+        return model.generate(prompt, max_new_tokens=args.new_tokens,
+                              min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+
+    outputs = {}
+    for form, modules in (("dense", dense), ("skip", skipping)):  # warm-up, and the tokens
         run_mlps(modules)
-        decode(modules)
+        outputs[form] = greedy(modules)
     mlp_times = {"dense": [], "skip": []}
     e2e_times = {"dense": [], "skip": []}
-    outputs = {}
     for _ in range(args.repeats):
         for form, modules in (("dense", dense), ("skip", skipping)):
             mlp_times[form].append(run_mlps(modules))
-            seconds, outputs[form] = decode(modules)
-            e2e_times[form].append(seconds)
+            use(modules)
+            e2e_times[form].append(decode_time(model, prompt, args.new_tokens))
     tokens = sum(len(v) for v in inputs.values()) / len(mlps)
     mlp = {f: tokens / statistics.median(t) for f, t in mlp_times.items()}
     e2e = {f: 1 / statistics.median(t) for f, t in e2e_times.items()}

@@ -83,13 +83,15 @@ class SkippingMLP(nn.Module):
 
     def to_dense(self) -> nn.Module:
         """The gated MLP this replaces, with plain linears (for side-by-side timing)."""
-        mlp = _DenseMLP(self.gate_proj, self.act_fn, self.rows("up").clone(),
-                        self.rows("down").t().contiguous())
-        return mlp
+        return _DenseMLP(self.gate_proj, self.act_fn, self.rows("up").clone(),
+                         self.rows("down").t().contiguous())
 
     @property
     def weight_nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Bytes of the gate and of the up and down rows as held."""
+        from .speed import model_bytes
+
+        return model_bytes(self)
 
     def extra_repr(self) -> str:
         return (f"hidden={self.hidden}, up={self.layouts['up']}, down={self.layouts['down']}, "
