@@ -3,7 +3,8 @@
 A *source* is ``builtin`` (Python's own documentation text: works with no network), ``c4`` or
 ``wikitext2`` (downloaded from the Hugging Face hub), or a local ``.txt`` / ``.jsonl`` /
 ``.parquet`` file. Calibration takes random windows with a fixed seed; evaluation cuts the text
-into consecutive non-overlapping windows and drops the remainder.
+into consecutive non-overlapping windows and drops the remainder. The hub sources need
+``datasets``, parquet files ``pyarrow``: ``pip install 'proxsparse[data]'``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import ProxSparseError, first_line
+from .extras import require
 
 HUB_SOURCES = ("c4", "wikitext2")
 C4_SHARD = "en/c4-train.00000-of-01024.json.gz"
@@ -53,8 +55,7 @@ def _read_local(path: Path) -> str:
                     if line.strip()]
             text = "\n\n".join(_row_text(row, path) for row in rows)
         elif suffix == ".parquet":
-            import pyarrow.parquet as pq
-
+            pq = require("pyarrow.parquet", f"reading {path.name}")
             table = pq.read_table(path)
             if "text" not in table.column_names:
                 raise ProxSparseError(f"{path}: parquet file has no 'text' column")
@@ -84,12 +85,9 @@ def _row_text(row: object, path: Path) -> str:
 
 
 def _hub_rows(name: str, config: str | None, split: str, data_files: str | None = None) -> list:
+    datasets = require("datasets", "loading c4 or wikitext2 from the hub")
     try:
-        import datasets
-
         dataset = datasets.load_dataset(name, config, split=split, data_files=data_files)
-    except ImportError as err:
-        raise ProxSparseError("hub text sources need `datasets`: pip install datasets") from err
     except Exception as err:  # network errors come in many types; all mean the same to a user
         raise ProxSparseError(
             f"cannot download {name!r} from the Hugging Face hub ({type(err).__name__}); "

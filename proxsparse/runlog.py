@@ -10,12 +10,14 @@ import hashlib
 import json
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 
 import torch
 
 from .errors import ProxSparseError, first_line
+from .extras import missing_message
 
 LOG_FILE = "log.jsonl"
 PLOT_FILE = "progress.png"
@@ -114,13 +116,19 @@ class RunDir:
             self.plot(title)
 
     def plot(self, title: str) -> Path | None:
-        """Each logged metric against the step, one panel each, as ``progress.png``."""
+        """Each logged metric against the step, one panel each, as ``progress.png``; without
+        matplotlib (the ``plot`` extra) a one-line warning says it is skipped."""
         if self.path is None or not self.history or not self.writer:
             return None
-        import matplotlib
+        try:
+            import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            warnings.warn(f"{PLOT_FILE} not drawn: "
+                          + missing_message("matplotlib", "the progress plot"), stacklevel=2)
+            return None
 
         names = [k for k in self.history[0] if k != "step"]
         fig, axes = plt.subplots(len(names), 1, figsize=(7, 2.2 * len(names)), sharex=True,
