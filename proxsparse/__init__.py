@@ -5,6 +5,7 @@
     calib = calibration_windows(tokenizer, "builtin", num_windows=128, seqlen=512)
     result = prune(model, WandaConfig(nm="2:4"), calib)
     sparsify(model)  # packed 2:4 layers: smaller, and faster at decode
+    zero_shot(model, tokenizer, "boolq,rte").table()  # lm_eval tasks (the eval extra)
 """
 
 from .api import PruneResult, describe, prune
@@ -26,12 +27,15 @@ from .methods import (
 from .models import find_targets, load_model
 from .nm import NM
 from .runtime import PackedLinear, densify, sparsify
+from .zeroshot import TaskSet, ZeroShot, load_tasks, zero_shot
 
 __all__ = [
     "NM", "MagnitudeConfig", "MaskProConfig", "MemoryPlan", "PackedLinear", "Perplexity",
     "PruneConfig", "PruneResult",
     "ProSparseConfig", "ProxSparseConfig", "ProxSparseError",
-    "SparseGPTConfig", "WandaConfig", "apply_masks", "calibration_windows", "config_for",
+    "SparseGPTConfig", "TaskSet", "WandaConfig", "ZeroShot", "apply_masks", "calibration_windows",
+    "config_for",
     "describe", "eval_windows", "find_targets", "load_masks", "load_model", "load_text",
-    "densify", "perplexity", "plan_proxsparse", "prune", "save", "sparsify", "tokenize", "verify",
+    "densify", "load_tasks", "perplexity", "plan_proxsparse", "prune", "save", "sparsify",
+    "tokenize", "verify", "zero_shot",
 ]

@@ -13,11 +13,12 @@ import time
 import warnings
 from pathlib import Path
 
-from .errors import COUNT, POSITIVE, WINDOW, ProxSparseError, check_options
+from .errors import COUNT, POSITIVE, STEPS, WINDOW, ProxSparseError, check_options
 from .learning.distributed import launched_by_torchrun
 from .methods import PRUNERS, PruneConfig
 from .methods.base import LearningConfig, field_default_text, field_help
 from .runlog import CHECKPOINT_FILE, RunDir
+from .zeroshot import PAPER_TASKS
 
 SHARED_FIELDS = {f.name for f in dataclasses.fields(PruneConfig)}
 PRUNE_EPILOG = """\
@@ -95,17 +96,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(p)
     _add_method_options(p)
 
-    e = sub.add_parser("eval", help="perplexity of a model on consecutive windows")
+    e = sub.add_parser(
+        "eval", help="perplexity on consecutive windows, and/or zero-shot tasks (lm_eval)",
+        description="Perplexity of a model on consecutive windows of a text (by default), or "
+                    "its accuracy on lm-evaluation-harness tasks (--tasks; both when --text is "
+                    "given too).")
     e.add_argument("model", help="hub id, checkpoint directory, .gguf file, or smollm2-135m")
-    e.add_argument("--text", default="wikitext2",
-                   help="evaluation text: wikitext2 (download), builtin, or a local file")
+    e.add_argument("--text", default=None,
+                   help="evaluation text: wikitext2 (download; the default without --tasks), "
+                        "builtin, or a local file")
     e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--max-windows", type=int, default=128)
-    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--batch-size", type=int, default=4,
+                   help="windows (perplexity) or requests (tasks) per forward pass (default 4)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--activation-sparsity", action="store_true",
                    help="also the share of zeros in every gated MLP's intermediate (the input "
                         "of down_proj), per layer and overall, on the same windows")
+    z = e.add_argument_group(
+        "zero-shot tasks (lm-evaluation-harness: pip install 'proxsparse[eval]')")
+    z.add_argument("--tasks", default=None, metavar="NAMES",
+                   help="comma-separated lm_eval tasks, groups or tags (or task YAML files), "
+                        f"e.g. {','.join(PAPER_TASKS[:2])} (the paper's seven: "
+                        f"{' '.join(PAPER_TASKS)})")
+    z.add_argument("--num-fewshot", type=int, default=None, metavar="N",
+                   help="examples in each prompt (default: each task's own, 0 for the "
+                        "paper's seven)")
+    z.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="at most this many items per task (a quick look, not a score)")
+    z.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                   help="a folder of task YAML files (local tasks; relative data_files are "
+                        "read from the YAML's folder). Repeatable")
     _add_runtime_args(e)
 
     v = sub.add_parser("verify", help="check that every target layer of a checkpoint is N:M")
@@ -366,39 +387,77 @@ def shipped_configs() -> dict[str, str]:
 
 
 def cmd_eval(args) -> int:
-    import contextlib
-
     from . import data
-    from .evaluate import perplexity
-    from .gated_mlp import ActivationSparsity
     from .models import check_device
 
     check_options(args, seqlen=WINDOW, max_windows=COUNT, batch_size=COUNT)
     check_device(args.device)
-    text = data.load_text(args.text)
+    task_set = None
+    if args.tasks is not None:  # the tasks and their data, before the model: fail early
+        from .zeroshot import load_tasks
+
+        if args.limit is not None:
+            check_options(args, limit=COUNT)
+        if args.num_fewshot is not None:
+            check_options(args, num_fewshot=STEPS)
+        task_set = load_tasks(args.tasks, args.include_path, progress=not args.quiet)
+    elif args.limit is not None or args.num_fewshot is not None or args.include_path:
+        raise ProxSparseError("--limit, --num-fewshot and --include-path apply to zero-shot "
+                              "tasks: add --tasks")
+    source = args.text if args.text is not None or task_set is not None else "wikitext2"
+    if args.activation_sparsity and source is None:
+        raise ProxSparseError("--activation-sparsity is measured on the perplexity windows: "
+                              "add --text (e.g. --text builtin)")
+    text = data.load_text(source) if source is not None else None
     model, tokenizer = _load(args)
-    _warn_past_positions(model, args.seqlen)
-    ids = data.tokenize(tokenizer, text)
-    windows = data.eval_windows(ids, args.seqlen, args.max_windows)
-    meter = ActivationSparsity(model) if args.activation_sparsity else contextlib.nullcontext()
-    start = time.perf_counter()
-    with meter:
-        result = perplexity(model, windows, args.batch_size, progress=not args.quiet)
-    seconds = round(time.perf_counter() - start, 2)
-    shares = meter.shares() if args.activation_sparsity else None
+    output = _eval_perplexity(args, model, tokenizer, text) if text is not None else {}
+    scores = None
+    if task_set is not None:
+        from .zeroshot import zero_shot
+
+        scores = zero_shot(model, tokenizer, task_set, batch_size=args.batch_size,
+                           limit=args.limit, num_fewshot=args.num_fewshot,
+                           progress=not args.quiet)
+        output["zero_shot"] = scores.as_dict()
     if args.json:
-        extra = {"activation_sparsity": shares} if shares is not None else {}
-        print(json.dumps({**result.as_dict(), "seconds": seconds, **extra}))
+        print(json.dumps(output))
         return 0
-    print(f"perplexity {result.ppl:.3f} over {result.tokens} tokens "
-          f"({result.windows} windows of {args.seqlen})")
+    if text is not None:
+        print(f"perplexity {output['ppl']:.3f} over {output['tokens']} tokens "
+              f"({output['windows']} windows of {args.seqlen})")
+    shares = output.get("activation_sparsity")
     if shares is not None:
         print("share of zeros in the MLP intermediate (input of down_proj):")
         for name, share in shares.items():
             if name != "overall":
                 print(f"  {name:<40} {share:7.2%}")
         print(f"  {'overall (mean over layers)':<40} {shares['overall']:7.2%}")
+    if scores is not None:
+        limit = f", at most {args.limit} items per task" if args.limit is not None else ""
+        print(f"zero-shot (lm-evaluation-harness{limit}, {scores.seconds:.1f}s):")
+        print(scores.table())
     return 0
+
+
+def _eval_perplexity(args, model, tokenizer, text: str) -> dict:
+    """``eval``'s perplexity (and --activation-sparsity) on the text's windows, as the JSON
+    fields it prints."""
+    import contextlib
+
+    from . import data
+    from .evaluate import perplexity
+    from .gated_mlp import ActivationSparsity
+
+    _warn_past_positions(model, args.seqlen)
+    windows = data.eval_windows(data.tokenize(tokenizer, text), args.seqlen, args.max_windows)
+    meter = ActivationSparsity(model) if args.activation_sparsity else contextlib.nullcontext()
+    start = time.perf_counter()
+    with meter:
+        result = perplexity(model, windows, args.batch_size, progress=not args.quiet)
+    output = {**result.as_dict(), "seconds": round(time.perf_counter() - start, 2)}
+    if args.activation_sparsity:
+        output["activation_sparsity"] = meter.shares()
+    return output
 
 
 def cmd_verify(args) -> int:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import proxsparse as ps
 from proxsparse import data
 from proxsparse.cli import main
 from proxsparse.errors import ProxSparseError
@@ -39,6 +40,32 @@ def test_the_base_install_imports_without_the_extras():
                           cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_missing_lm_eval_names_the_eval_extra(monkeypatch, model, tokenizer, capsys):
+    block(monkeypatch, "lm_eval")
+    with pytest.raises(ProxSparseError, match=r"pip install 'proxsparse\[eval\]'"):
+        ps.zero_shot(model, tokenizer, "boolq")
+    capsys.readouterr()
+    code = main(["eval", "missing-model", "--tasks", "boolq", "--quiet"])  # before any load
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err == ("error: zero-shot evaluation (--tasks) needs lm_eval: "
+                   "pip install 'proxsparse[eval]'\n")
+
+
+@pytest.mark.parametrize("source", ["import nothing_of_that_name_here", "__version__ = '0.5.1'"])
+def test_a_broken_or_foreign_lm_eval_is_one_line(monkeypatch, tmp_path, model, tokenizer,
+                                                 source):
+    fake = tmp_path / "lm_eval"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(source + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m.split(".")[0] == "lm_eval"]:
+        monkeypatch.delitem(sys.modules, name)
+    expected = "does not import" if "import" in source else "needs lm_eval 0.4.x, found 0.5.1"
+    with pytest.raises(ProxSparseError, match=expected):
+        ps.zero_shot(model, tokenizer, "boolq")
 
 
 def test_missing_datasets_names_the_data_extra(monkeypatch):
