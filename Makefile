@@ -1,4 +1,6 @@
-# make demo: set up .venv and prune SmolLM2-135M to 2:4, printing perplexity before and after.
+# make demo: set up .venv, prune SmolLM2-135M to 2:4 (baselines and a demo-sized ProxSparse),
+#   print perplexity and wall time per method, then the packed decode speed (sizes: DEMO_* in
+#   bench/demo.py).
 # make test: ruff and the full test suite (what CI runs).
 PYTHON ?= python3
 VENV ?= .venv
