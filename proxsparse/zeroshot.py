@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 from typing import Any
 from unittest import mock
 
@@ -103,7 +103,7 @@ def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
     return names
 
 
-def lm_eval_module():
+def lm_eval_module() -> ModuleType:
     """lm_eval, checked to be a 0.4 release, or one line saying how to install it."""
     lm_eval = require("lm_eval", PURPOSE)
     version = getattr(lm_eval, "__version__", "unknown")
