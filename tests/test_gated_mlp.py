@@ -77,7 +77,8 @@ def test_skipping_mlp_equals_the_dense_mlp(tokenizer, calib, threshold, kernel):
     assert skip_activation_zeros(model, max_tokens=3, kernel=kernel) == 2
     skipping = [m for m in model.modules() if isinstance(m, SkippingMLP)]
     for mlp, (expected, expected_prefill) in zip(skipping, dense, strict=True):
-        assert mlp.kernel == kernel and mlp.layouts == {"up": "dense", "down": "dense"}
+        assert mlp.kernel == mlp.fused_gate == kernel
+        assert set(mlp.layouts.values()) == {"dense"} and len(mlp.layouts) == 2 + kernel
         torch.testing.assert_close(mlp(x), expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(mlp(prefill), expected_prefill)
         torch.testing.assert_close(mlp.to_dense()(x), expected)
@@ -101,12 +102,36 @@ def test_skipping_mlp_on_two_of_four_weights_reads_bitmap_rows(hidden):
             linear.weight.mul_(topn_mask(linear.weight.abs(), NM(2, 4)))
     x = torch.randn(2, hidden)
     skipping = SkippingMLP(mlp, max_tokens=2)
-    assert skipping.layouts == {"up": "bitmap", "down": "bitmap"}
-    dense_bytes = 2 * mlp.up_proj.weight.numel() * 4
-    assert skipping.weight_nbytes - mlp.gate_proj.weight.numel() * 4 < 0.6 * dense_bytes
+    assert skipping.layouts == {"gate": "bitmap", "up": "bitmap", "down": "bitmap"}
+    dense_bytes = 3 * mlp.up_proj.weight.numel() * 4
+    assert skipping.weight_nbytes < 0.6 * dense_bytes
     torch.testing.assert_close(skipping(x), mlp(x), rtol=1e-5, atol=1e-5)
     prefill = torch.randn(4, hidden)
     torch.testing.assert_close(skipping(prefill), mlp(prefill), rtol=1e-5, atol=1e-5)
+
+
+def test_skipping_mlp_runs_a_gate_it_cannot_fuse_before_the_kernel():
+    """A packed 2:4 gate (sparsify first) or a non-ReLU activation stays a module whose
+    activations the kernel is given; the output is the dense MLP's all the same."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from proxsparse.nm import NM, topn_mask
+    from proxsparse.runtime.module import PackedLinear
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=64, intermediate_size=96, hidden_act="relu"))
+    with torch.no_grad():
+        mlp.gate_proj.weight.mul_(topn_mask(mlp.gate_proj.weight.abs(), NM(2, 4)))
+    x = torch.randn(1, 64)
+    expected = mlp(x)
+    mlp.gate_proj = PackedLinear.from_linear(mlp.gate_proj)
+    skipping = SkippingMLP(mlp)
+    assert not skipping.fused_gate and isinstance(skipping.gate_proj, PackedLinear)
+    torch.testing.assert_close(skipping(x), expected, rtol=1e-5, atol=1e-6)
+    gelu = LlamaMLP(LlamaConfig(hidden_size=64, intermediate_size=96, hidden_act="gelu"))
+    skipping = SkippingMLP(gelu)
+    assert not skipping.fused_gate
+    torch.testing.assert_close(skipping(x), gelu(x), rtol=1e-5, atol=1e-6)
 
 
 def test_skipping_mlp_in_bfloat16():
