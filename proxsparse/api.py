@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .errors import ProxSparseError
+from .gated_mlp import activation_metadata
 from .learning.distributed import launched_by_torchrun
 from .methods import PruneConfig, pruner_for
 from .models import check_finite, find_targets
@@ -91,7 +92,7 @@ def describe(result: PruneResult, model: nn.Module, **context) -> dict:
         "seed": config.seed,
         "hyperparameters": config.settings(),
         "prune_seconds": round(result.seconds, 2),
-        **config.export_metadata(),
+        **activation_metadata(model),
         **context,
         "targets": list(result.masks),
         "skipped": result.skipped,

@@ -85,6 +85,23 @@ def substitute_relu(model: nn.Module, threshold: float = 0.0) -> list[GatedMLP]:
     return mlps
 
 
+def activation_metadata(model: nn.Module) -> dict:
+    """What an export's proxsparse.json must say of the MLP activation when plain transformers
+    has no name for it: the FATReLU threshold (its config.json says ``relu``). Recorded from
+    the model itself, whichever method ran last (a ProSparse model pruned to 2:4 keeps it)."""
+    try:
+        acts = [getattr(mlp.module, "act_fn", None) for mlp in gated_mlps(model)]
+    except ProxSparseError:
+        return {}
+    thresholds = {act.threshold for act in acts if isinstance(act, FATReLU)}
+    if not thresholds:
+        return {}
+    if len(thresholds) > 1:
+        raise ProxSparseError(f"the gated MLPs have different FATReLU thresholds "
+                              f"{sorted(thresholds)}: give them one threshold before exporting")
+    return {"activation": {"kind": "fatrelu", "threshold": thresholds.pop()}}
+
+
 class ActivationSparsity:
     """Context manager: while open, counts the zeros entering every gated MLP's down_proj.
 

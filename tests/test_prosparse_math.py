@@ -111,6 +111,15 @@ def test_prosparse_export_reloads_with_its_threshold(model_dir, tmp_path, capsys
     plain = AutoModelForCausalLM.from_pretrained(out)  # plain transformers: ReLU
     assert plain.config.hidden_act == "relu"
     assert main(["verify", str(out)]) == 0
+    # ProSparse, then 2:4 weights: the 2:4 export keeps the activation's threshold
+    sparse = tmp_path / "sparse"
+    assert main(["prune", "--model", str(out), "--method", "magnitude", "--out", str(sparse),
+                 "--quiet"]) == 0
+    meta = json.loads((sparse / "proxsparse.json").read_text())
+    assert meta["method"] == "magnitude"
+    assert meta["activation"] == {"kind": "fatrelu", "threshold": 0.01}
+    model, _ = load_model(str(sparse))
+    assert all(m.module.act_fn.threshold == 0.01 for m in gated_mlps(model))
 
 
 def test_prosparse_refuses_a_model_without_gated_mlps_and_a_learning_copy(tokenizer, calib):

@@ -67,11 +67,6 @@ class PruneConfig:
         self.include, self.ignore = tuple(self.include), tuple(self.ignore)
         check_options(self, seed=SEED)
 
-    def export_metadata(self) -> dict:
-        """What the export's proxsparse.json must say besides the settings (e.g. an
-        activation that plain transformers has no name for)."""
-        return {}
-
     def settings(self) -> dict:
         """The method's own knobs, for the export metadata."""
         shared = {f for f in PruneConfig.__dataclass_fields__}

@@ -137,9 +137,6 @@ class ProSparseConfig(LearningConfig):
                       steps=STEPS, batch_size=COUNT, warmup=SHARE, max_grad_norm=POSITIVE)
         parse_stages(self.stages)
 
-    def export_metadata(self) -> dict:
-        return {"activation": {"kind": "fatrelu", "threshold": self.threshold}}
-
 
 class ProSparse(Pruner):
     """Activation sparsity: ReLU in every gated MLP, then learning with the staged L1 penalty,
