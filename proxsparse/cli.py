@@ -226,8 +226,10 @@ def _add_packed_runtime_commands(sub) -> None:
     _add_kernel_args(g)
     _add_runtime_args(g)
 
-    s = sub.add_parser("speed", help="decode and prefill speed, dense against packed, in one run")
-    s.add_argument("model", help="a pruned N:M checkpoint (dense with zeros) or a packed one")
+    s = sub.add_parser("speed", help="decode and prefill speed, dense against packed (and/or "
+                                     "activation-skipping), in one run")
+    s.add_argument("model", help="a pruned N:M checkpoint (dense with zeros) or a packed one; "
+                                 "with --skip-activation-zeros, also a ProSparse output")
     s.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per decode run")
     s.add_argument("--prompt", default="The history of the city begins",
                    help="prompt of the decode runs")
@@ -244,6 +246,9 @@ def _add_kernel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--values-dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="precision of the packed values when packing on load")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--skip-activation-zeros", action="store_true",
+                   help="decode the gated MLPs of a ReLU-style model (e.g. a ProSparse output) "
+                        "over their non-zero activations only (composes with N:M weights)")
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -523,8 +528,15 @@ def _load_packed_model(args, *, sparsify: bool):
             raise ProxSparseError(f"--threads must be ≥ 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     model, tokenizer = _load(args)
+    if args.skip_activation_zeros:  # first: N:M gate/up/down become its bitmap rows
+        from .runtime.skip_mlp import skip_activation_zeros
+
+        skip_activation_zeros(model)
     if sparsify and not packed_layers(model):
         layers, nm = _checkpoint_targets(args.model, None)
+        if args.skip_activation_zeros and layers:
+            modules = dict(model.named_modules())
+            layers = [name for name in layers if name in modules]  # not those inside the MLPs
         pack_layers(model, nm, backend=args.backend, layers=layers,
                     values_dtype=_dtype(args.values_dtype))
     return model, tokenizer
@@ -617,8 +629,9 @@ def cmd_speed(args) -> int:
         print(json.dumps(result))
         return 0
     dense, packed = result["dense"], result["packed"]
-    print(f"{args.model}: {result['packed_layers']} packed layers, backend "
-          f"{result['backend']}, {torch.get_num_threads()} threads, median of {args.repeats}")
+    print(f"{args.model}: {result['packed_layers']} packed layers (backend {result['backend']}), "
+          f"{result['skipping_mlps']} activation-skipping MLPs, {torch.get_num_threads()} "
+          f"threads, median of {args.repeats}")
     print(f"{'':8s} {'decode tok/s':>13s} {'prefill tok/s':>14s} {'target MiB':>11s} "
           f"{'model MiB':>10s}")
     for row in (dense, packed):

@@ -33,7 +33,7 @@ def gated_mlps(model: nn.Module) -> list[GatedMLP]:
     found = []
     for index, block in enumerate(decoder_blocks(model)):
         for name, module in block.named_modules():
-            if all(isinstance(getattr(module, p, None), nn.Linear) for p in PROJECTIONS):
+            if all(_is_linear(getattr(module, p, None)) for p in PROJECTIONS):
                 found.append(GatedMLP(f"{_prefix(model, block)}.{name}".strip("."), module,
                                       index))
                 break
@@ -43,6 +43,16 @@ def gated_mlps(model: nn.Module) -> list[GatedMLP]:
             "in its decoder blocks): activation sparsity needs a Llama-, Qwen-, Mistral- or "
             "Gemma-style MLP")
     return found
+
+
+def _is_linear(module: object) -> bool:
+    """A linear layer, dense or packed (a runtime PackedLinear turns back into one)."""
+    return isinstance(module, nn.Linear) or callable(getattr(module, "to_linear", None))
+
+
+def dense_weight(linear: nn.Module) -> torch.Tensor:
+    """The weight of a linear layer, dense or packed, as a dense tensor (no gradient)."""
+    return (linear if isinstance(linear, nn.Linear) else linear.to_linear()).weight.detach()
 
 
 def _prefix(model: nn.Module, block: nn.Module) -> str:
@@ -83,6 +93,40 @@ def substitute_relu(model: nn.Module, threshold: float = 0.0) -> list[GatedMLP]:
         if config is not None and hasattr(config, key):
             setattr(config, key, "relu")
     return mlps
+
+
+@torch.no_grad()
+def threshold_for_sparsity(model: nn.Module, windows: torch.Tensor, target: float,
+                           per_layer: int = 1 << 16, seed: int = 0) -> float:
+    """The FATReLU threshold at which ``target`` of the MLP activations are zero on
+    ``windows`` (the mean over layers of each layer's share, as the meter reports it).
+
+    A position is zero when its gate output is below the threshold (or not positive), so the
+    threshold is a quantile of the gate outputs, pooled with the same number sampled from
+    every layer (``per_layer``, drawn at random with ``seed``). Returns 0.0 when plain ReLU
+    already reaches the target."""
+    mlps = gated_mlps(model)
+    generator = torch.Generator().manual_seed(seed)
+    per_call = max(1, per_layer // len(windows))
+    samples: list[list[torch.Tensor]] = [[] for _ in mlps]
+
+    def keep(index: int, output: torch.Tensor) -> None:
+        flat = output.detach().reshape(-1).float().cpu()
+        pick = torch.randint(flat.numel(), (min(per_call, flat.numel()),), generator=generator)
+        samples[index].append(flat[pick])
+
+    handles = [mlp.module.gate_proj.register_forward_hook(
+        lambda _m, _a, out, index=index: keep(index, out)) for index, mlp in enumerate(mlps)]
+    device = next(model.parameters()).device
+    try:
+        for window in windows:
+            model(window[None].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    pooled = torch.cat([torch.cat(layer) for layer in samples])
+    rank = min(pooled.numel(), max(1, round(target * pooled.numel())))
+    return max(0.0, float(pooled.kthvalue(rank).values))
 
 
 def activation_metadata(model: nn.Module) -> dict:

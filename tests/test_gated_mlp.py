@@ -110,9 +110,10 @@ def test_skipping_mlp_on_two_of_four_weights_reads_bitmap_rows(hidden):
     torch.testing.assert_close(skipping(prefill), mlp(prefill), rtol=1e-5, atol=1e-5)
 
 
-def test_skipping_mlp_runs_a_gate_it_cannot_fuse_before_the_kernel():
-    """A packed 2:4 gate (sparsify first) or a non-ReLU activation stays a module whose
-    activations the kernel is given; the output is the dense MLP's all the same."""
+def test_skipping_mlp_takes_packed_layers_and_runs_a_gate_it_cannot_fuse_first():
+    """Packed 2:4 projections (a packed checkpoint) become bitmap rows, the gate included; a
+    non-ReLU activation keeps its gate a module run before the kernel. Both give the dense
+    MLP's output."""
     from transformers.models.llama.modeling_llama import LlamaMLP
 
     from proxsparse.nm import NM, topn_mask
@@ -120,17 +121,21 @@ def test_skipping_mlp_runs_a_gate_it_cannot_fuse_before_the_kernel():
 
     torch.manual_seed(0)
     mlp = LlamaMLP(LlamaConfig(hidden_size=64, intermediate_size=96, hidden_act="relu"))
-    with torch.no_grad():
-        mlp.gate_proj.weight.mul_(topn_mask(mlp.gate_proj.weight.abs(), NM(2, 4)))
     x = torch.randn(1, 64)
-    expected = mlp(x)
-    mlp.gate_proj = PackedLinear.from_linear(mlp.gate_proj)
+    with torch.no_grad():
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            linear = getattr(mlp, name)
+            linear.weight.mul_(topn_mask(linear.weight.abs(), NM(2, 4)))
+        expected = mlp(x)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(mlp, name, PackedLinear.from_linear(getattr(mlp, name)))
     skipping = SkippingMLP(mlp)
-    assert not skipping.fused_gate and isinstance(skipping.gate_proj, PackedLinear)
+    assert skipping.fused_gate
+    assert skipping.layouts == {"gate": "bitmap", "up": "bitmap", "down": "bitmap"}
     torch.testing.assert_close(skipping(x), expected, rtol=1e-5, atol=1e-6)
     gelu = LlamaMLP(LlamaConfig(hidden_size=64, intermediate_size=96, hidden_act="gelu"))
     skipping = SkippingMLP(gelu)
-    assert not skipping.fused_gate
+    assert not skipping.fused_gate and skipping.gate_proj is gelu.gate_proj
     torch.testing.assert_close(skipping(x), gelu(x), rtol=1e-5, atol=1e-6)
 
 

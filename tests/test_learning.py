@@ -23,7 +23,9 @@ METHODS = {
     "proxsparse": (ProxSparseConfig, ProxSparseLearning,
                    dict(lr=1e-3, lambda1=5.0, lambda1_scaling="absolute")),
     "maskpro": (MaskProConfig, MaskProLearning, dict(lr=500.0, logit_scale=2.0)),
-    "prosparse": (ProSparseConfig, ProSparseLearning, dict(lr=1e-3, stages="0.25:0,1:0.05")),
+    # the target-sparsity threshold is set at step 2: a resumed run must learn with it too
+    "prosparse": (ProSparseConfig, ProSparseLearning,
+                  dict(lr=1e-3, stages="0.25:0,1:0.05", target_sparsity=0.8, adapt=0.75)),
 }
 MASK_METHODS = ["proxsparse", "maskpro"]
 

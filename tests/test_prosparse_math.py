@@ -92,6 +92,29 @@ def test_prosparse_swaps_in_fatrelu_and_the_l1_term_raises_sparsity(tokenizer, c
     assert all(m.module.act_fn.threshold == 0.05 for m in gated_mlps(thresholded))
 
 
+def test_threshold_for_sparsity_reaches_the_target_share_of_zeros(tokenizer, calib):
+    from proxsparse.gated_mlp import FATReLU, threshold_for_sparsity
+
+    model = make_model(len(tokenizer))
+    substitute_relu(model)
+    relu = zero_share(model, calib)
+    assert threshold_for_sparsity(model, calib, relu / 2) == 0.0  # ReLU already does
+    threshold = threshold_for_sparsity(model, calib, 0.8, per_layer=1 << 20)
+    for mlp in gated_mlps(model):
+        mlp.module.act_fn = FATReLU(threshold)
+    assert zero_share(model, calib) == pytest.approx(0.8, abs=0.01)
+    # ProSparse's --target-sparsity: set for the last quarter of the run, then checked again
+    for adapt in (0.0, 0.5):
+        trained, _ = prosparse_run(tokenizer, calib, stages="1:0", target_sparsity=0.9,
+                                   adapt=adapt)
+        assert all(m.module.act_fn.threshold > 0.01 for m in gated_mlps(trained))
+        assert zero_share(trained, calib) >= 0.9 - 0.03
+    with pytest.raises(ProxSparseError, match="target_sparsity|target-sparsity"):
+        from proxsparse import ProSparseConfig
+
+        ProSparseConfig(target_sparsity=1.5)
+
+
 def test_prosparse_export_reloads_with_its_threshold(model_dir, tmp_path, capsys):
     import json
 
@@ -120,6 +143,15 @@ def test_prosparse_export_reloads_with_its_threshold(model_dir, tmp_path, capsys
     assert meta["activation"] == {"kind": "fatrelu", "threshold": 0.01}
     model, _ = load_model(str(sparse))
     assert all(m.module.act_fn.threshold == 0.01 for m in gated_mlps(model))
+    # both run faster with the activation-skipping MLP: alone, and beside packed 2:4 layers
+    for source, packed in ((out, 0), (sparse, 8)):  # 8: q/k/v/o of the two blocks
+        capsys.readouterr()
+        assert main(["speed", str(source), "--skip-activation-zeros", "--new-tokens", "4",
+                     "--prefill-tokens", "16", "--repeats", "1", "--json", "--quiet"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert (result["packed_layers"], result["skipping_mlps"]) == (packed, 2)
+        assert result["max_relative_logit_difference"] < 1e-3
+    assert result["target_bytes_ratio"] < 0.6
 
 
 def test_prosparse_refuses_a_model_without_gated_mlps_and_a_learning_copy(tokenizer, calib):

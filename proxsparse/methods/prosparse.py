@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import COUNT, NON_NEGATIVE, POSITIVE, SHARE, STEPS, ProxSparseError, check_options
-from ..gated_mlp import FATReLU, gated_mlps, substitute_relu
+from ..gated_mlp import FATReLU, gated_mlps, substitute_relu, threshold_for_sparsity
 from ..learning import (
     LearningMethod,
     Placement,
@@ -70,6 +70,9 @@ def l1_lambda(step: int, total: int, stages: list[tuple[float, float]]) -> float
             return previous + eta * (lam - previous)
         start, previous = end, lam
     return stages[-1][1]
+
+
+TARGET_WINDOWS = 8  # calibration windows that set the threshold of --target-sparsity
 
 
 class ActivationL1:
@@ -122,6 +125,12 @@ class ProSparseConfig(LearningConfig):
                          "lambda holds it")
     threshold: float = option(0.01, "FATReLU threshold set at the end: activations below it "
                                     "become 0 (0: plain ReLU)")
+    target_sparsity: float = option(0.0, "at the end, raise the FATReLU threshold above "
+                                         "--threshold until this share of the MLP activations "
+                                         "is zero on calibration windows (0: off)")
+    adapt: float = option(0.25, "with --target-sparsity: the share of the steps, at the end, "
+                                "that learn with that threshold in place, so the model adapts "
+                                "to it (0: it is set after the last step)")
     train: str = option("all", "which parameters learn: all, or mlp (the gated MLPs only)")
     lr: float = option(3e-5, "AdamW learning rate (peak, after the warm-up)")
     steps: int = option(0, "optimizer steps; 0: one pass over the calibration windows")
@@ -133,8 +142,10 @@ class ProSparseConfig(LearningConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_options(self, threshold=NON_NEGATIVE, train=("all", "mlp"), lr=NON_NEGATIVE,
-                      steps=STEPS, batch_size=COUNT, warmup=SHARE, max_grad_norm=POSITIVE)
+        check_options(self, threshold=NON_NEGATIVE, target_sparsity=SHARE, adapt=SHARE,
+                      train=("all", "mlp"),
+                      lr=NON_NEGATIVE, steps=STEPS, batch_size=COUNT, warmup=SHARE,
+                      max_grad_norm=POSITIVE)
         parse_stages(self.stages)
 
 
@@ -171,10 +182,15 @@ class ProSparseLearning(LearningMethod):
         self.stages = parse_stages(cfg.stages)
         self.model = placement.model
         self.device = next(self.model.parameters()).device
+        self.threshold = 0.0  # of the FATReLU the model learns with (ReLU until adapt_step)
+        adapting = cfg.target_sparsity > 0 and cfg.adapt > 0
+        self.adapt_step = steps - max(1, round(cfg.adapt * steps)) if adapting else None
 
     def setup(self, state):
         cfg = self.cfg
         mlps = substitute_relu(self.model, 0.0)
+        if state is not None:
+            self._use_threshold(float(state.get("threshold", 0.0)))
         if cfg.train == "mlp":
             self.trainable = [p for m in mlps for p in m.module.parameters()]
         else:
@@ -188,7 +204,21 @@ class ProSparseLearning(LearningMethod):
             load_training_state(state, self.trainable, self.optimizer, self.schedule,
                                 self.placement.world)
 
+    def _use_threshold(self, threshold: float) -> None:
+        self.threshold = threshold
+        for mlp in gated_mlps(self.model):
+            mlp.module.act_fn = FATReLU(threshold)
+
+    def _target_threshold(self) -> float:
+        """The threshold that zeroes --target-sparsity of the activations now (never lower
+        than --threshold or the one in use)."""
+        target = threshold_for_sparsity(self.model, self.calib[:TARGET_WINDOWS],
+                                        self.cfg.target_sparsity, seed=self.cfg.seed)
+        return max(self.cfg.threshold, self.threshold, target)
+
     def step(self, step, batches):
+        if step == self.adapt_step:
+            self._use_threshold(self._target_threshold())
         lam = l1_lambda(step, self.steps, self.stages)
         share = sum(len(b) for b in batches)
         loss = torch.zeros((), device=self.device)
@@ -220,10 +250,12 @@ class ProSparseLearning(LearningMethod):
         return f"ProSparse: stages {self.cfg.stages}, lr={self.cfg.lr}"
 
     def state_dict(self):
-        return training_state(self.trainable, self.optimizer, self.schedule,
-                              self.placement.world)
+        return {**training_state(self.trainable, self.optimizer, self.schedule,
+                                 self.placement.world), "threshold": self.threshold}
 
     def finish(self):
-        for mlp in self.penalty.mlps:
-            mlp.module.act_fn = FATReLU(self.cfg.threshold)
+        if self.cfg.target_sparsity > 0:  # again: adapting may have moved the activations
+            self._use_threshold(self._target_threshold())
+        else:
+            self._use_threshold(max(self.cfg.threshold, self.threshold))
         return {}

@@ -19,18 +19,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..gated_mlp import FATReLU, gated_mlps
+from ..gated_mlp import FATReLU, dense_weight, gated_mlps
 from .kernels import KernelUnavailable, skip_mlp
 
 BITMAP_DENSITY = 0.9  # bitmap rows cost 4 bytes per non-zero + 1 bit per weight
 
 
 class SkippingMLP(nn.Module):
-    """Inference-only replacement of a gated MLP ``down(act(gate(x)) * up(x))``.
+    """Inference-only replacement of a gated MLP ``down(act(gate(x)) * up(x))`` whose
+    projections are dense or packed linears.
 
     With the kernel and a (thresholded) ReLU activation, the gate's weight is held as rows too
     and the kernel computes it. Otherwise ``gate_proj`` stays the module it was (a dense linear,
-    or a packed one when the model was sparsified first) and runs before the kernel."""
+    or a packed one) and runs before the kernel."""
 
     def __init__(self, mlp: nn.Module, max_tokens: int = 1, kernel: bool = True) -> None:
         super().__init__()
@@ -38,14 +39,15 @@ class SkippingMLP(nn.Module):
         for side in ("up_proj", "down_proj"):
             if getattr(mlp, side).bias is not None:
                 raise ValueError(f"SkippingMLP takes bias-free {side}")
-        self.hidden = mlp.up_proj.in_features
-        self.kernel = kernel and _kernel_here(mlp.up_proj.weight)
+        up, down = dense_weight(mlp.up_proj), dense_weight(mlp.down_proj)
+        self.hidden = up.shape[1]
+        self.kernel = kernel and _kernel_here(up)
         self.threshold = _relu_threshold(self.act_fn)
         self.fused_gate = (self.kernel and self.threshold is not None
-                           and type(mlp.gate_proj) is nn.Linear and mlp.gate_proj.bias is None)
-        rows = {"up": mlp.up_proj.weight.detach(), "down": mlp.down_proj.weight.detach().t()}
+                           and getattr(mlp.gate_proj, "bias", None) is None)
+        rows = {"up": up, "down": down.t()}
         if self.fused_gate:
-            rows["gate"] = mlp.gate_proj.weight.detach()
+            rows["gate"] = dense_weight(mlp.gate_proj)
         else:
             self.gate_proj = mlp.gate_proj
         self.layouts = {}
@@ -111,7 +113,8 @@ class SkippingMLP(nn.Module):
 
     def to_dense(self) -> nn.Module:
         """The gated MLP this replaces, with plain linears (for side-by-side timing)."""
-        gate = self.gate_proj if not self.fused_gate else _linear(self.rows("gate").clone())
+        gate = _linear(self.rows("gate").clone() if self.fused_gate
+                       else dense_weight(self.gate_proj).clone())
         return _DenseMLP(gate, self.act_fn, self.rows("up").clone(),
                          self.rows("down").t().contiguous())
 

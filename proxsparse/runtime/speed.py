@@ -1,5 +1,6 @@
-"""Dense against packed, side by side in one process: decode and prefill speed, weight bytes,
-and whether the packed model produces the dense-with-zeros model's tokens."""
+"""Dense against fast, side by side in one process: decode and prefill speed, weight bytes,
+and whether the fast model produces the dense model's tokens. The fast forms are packed N:M
+layers and activation-skipping MLPs (either or both); "packed" names the fast form."""
 
 from __future__ import annotations
 
@@ -37,12 +38,20 @@ def model_bytes(model: nn.Module) -> int:
 
 
 class LayerSwap:
-    """Both forms of every packed layer, to switch a model between dense and packed."""
+    """Both forms of every fast module (packed layer, activation-skipping MLP), to switch a
+    model between dense and fast."""
 
     def __init__(self, model: nn.Module) -> None:
+        from .skip_mlp import SkippingMLP
+
         self.model = model
-        self.packed = packed_layers(model)
-        self.dense = {name: layer.to_linear() for name, layer in self.packed.items()}
+        self.skipping = {name: m for name, m in model.named_modules()
+                         if isinstance(m, SkippingMLP)}
+        self.packed_layers = {name: m for name, m in packed_layers(model).items()
+                              if not any(name.startswith(f"{mlp}.") for mlp in self.skipping)}
+        self.packed = {**self.packed_layers, **self.skipping}
+        self.dense = {name: m.to_linear() for name, m in self.packed_layers.items()}
+        self.dense.update({name: m.to_dense() for name, m in self.skipping.items()})
 
     def use(self, form: str) -> None:
         for name, layer in (self.packed if form == "packed" else self.dense).items():
@@ -51,7 +60,7 @@ class LayerSwap:
     def target_bytes(self, form: str) -> int:
         if form == "packed":
             return sum(layer.weight_nbytes for layer in self.packed.values())
-        return sum(m.weight.numel() * m.weight.element_size() for m in self.dense.values())
+        return sum(model_bytes(m) for m in self.dense.values())
 
 
 @torch.no_grad()
@@ -85,7 +94,8 @@ def compare(model: nn.Module, prompt: torch.Tensor, prefill_ids: torch.Tensor,
     every round (so both see the same machine state); medians over ``repeats`` rounds."""
     swap = LayerSwap(model)
     if not swap.packed:
-        raise ValueError("the model has no packed layer: sparsify it first")
+        raise ValueError("the model has no packed layer nor activation-skipping MLP: sparsify "
+                         "it (or skip_activation_zeros) first")
     times = {form: {"decode": [], "prefill": []} for form in ("dense", "packed")}
     outputs = {}
     for form in ("dense", "packed"):  # warm-up, and the tokens and logits to compare
@@ -130,8 +140,10 @@ def compare(model: nn.Module, prompt: torch.Tensor, prefill_ids: torch.Tensor,
         "prefill_tokens": prefill_ids.numel(),
         "repeats": repeats,
         "threads": torch.get_num_threads(),
-        "packed_layers": len(swap.packed),
-        "backend": next(iter(swap.packed.values())).backend.name,
+        "packed_layers": len(swap.packed_layers),
+        "skipping_mlps": len(swap.skipping),
+        "backend": (next(iter(swap.packed_layers.values())).backend.name
+                    if swap.packed_layers else "none"),
     }
 
 
