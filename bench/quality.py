@@ -46,12 +46,15 @@ def run_row(args: argparse.Namespace, method: str) -> dict:
     if args.reconstruct_from:
         seconds, settings = reconstruct_row(args, model, tokenizer)
     elif method != "dense":
-        overrides = dict(kv.split("=", 1) for kv in args.set)
-        config = ps.config_for(method, nm=args.nm, seed=args.seed)
-        for key, value in overrides.items():
-            kind = type(getattr(config, key))
-            setattr(config, key, value.lower() in ("1", "true", "yes") if kind is bool
-                    else kind(value))
+        defaults = ps.config_for(method, nm=args.nm, seed=args.seed)
+        overrides = {}
+        for key, value in (kv.split("=", 1) for kv in args.set):
+            kind = type(getattr(defaults, key))
+            overrides[key] = (value.lower() in ("1", "true", "yes") if kind is bool
+                              else kind(value))
+        # built with the overrides: checked, and defaults that follow a setting (MaskPro's
+        # reward) follow it
+        config = ps.config_for(method, nm=args.nm, seed=args.seed, **overrides)
         settings = config.settings()
         calib = ps.calibration_windows(tokenizer, args.calib, args.calib_windows, args.seqlen,
                                        args.seed)

@@ -38,7 +38,9 @@ def method_options() -> dict[str, tuple[type, dict[str, object]]]:
         for field in dataclasses.fields(cls.config_class):
             if field.name in SHARED_FIELDS:
                 continue
-            kind, defaults = options.get(field.name, (type(field.default), {}))
+            # ``kind``: the type of a field whose default (None) depends on other settings
+            kind = field.metadata.get("kind", type(field.default))
+            kind, defaults = options.get(field.name, (kind, {}))
             options[field.name] = (kind, {**defaults, method: field.default})
     return options
 

@@ -242,3 +242,164 @@ def test_smollm2_smoke_run(tmp_path, capsys):
     assert [r["step"] for r in rows] == [0, 1]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["prior_loss"]) for r in rows)
     assert all(0 < r["explored"] < 1e5 for r in rows)  # C = 10: a few thousand of 26.5 M groups
+
+
+# --- the layer reward (reward="layer"): each layer learns from its own output error ---
+
+
+def correlated_layer(seed: int = 0, out: int = 24, inputs: int = 64, tokens: int = 1024):
+    """A layer whose input features are strongly correlated: the diagonal (Wanda) view of the
+    output error misjudges which weights matter, so a better mask than Wanda's exists."""
+    gen = torch.Generator().manual_seed(seed)
+    shared = torch.randn(tokens, 8, generator=gen) @ torch.randn(8, inputs, generator=gen)
+    x = 0.5 * shared + torch.randn(tokens, inputs, generator=gen)
+    x[:, :4] *= 6  # outlier features
+    weight = torch.randn(out, inputs, generator=gen) * (1 + torch.rand(inputs, generator=gen))
+    h = method.gram(x)
+    wanda = topn_mask(weight.abs() * h.diagonal().sqrt(), NM(2, 4))
+    return weight, h, wanda
+
+
+def learn_one_layer(weight, prior, h, seed=0, **settings):
+    settings = {**method.REWARD_DEFAULTS["layer"], **settings}
+    return method.learn_layer(weight, prior, h, NM(2, 4), steps=settings["steps"],
+                              samples=settings["samples"], lr=settings["lr"],
+                              logit_scale=settings["logit_scale"],
+                              generator=torch.Generator().manual_seed(seed))
+
+
+def test_layer_reward_is_each_groups_share_of_its_row_error():
+    """The reward of a group is exactly error(mask) − error(mask, that group at the prior):
+    checked against the errors of the masks themselves, group by group."""
+    weight, h, prior = correlated_layer(out=2, inputs=16)
+    mask = topn_mask(torch.randn(2, 16, generator=torch.Generator().manual_seed(3)), NM(2, 4))
+    error = method.row_errors(weight * ~mask, h)
+    expected = torch.zeros(2, 4)
+    for g in range(4):
+        restored = mask.clone()
+        restored[:, 4 * g: 4 * g + 4] = prior[:, 4 * g: 4 * g + 4]
+        expected[:, g] = error - method.row_errors(weight * ~restored, h)
+    # the same arithmetic as learn_layer's step, on one sample
+    dropped, back = weight * ~mask, (weight * ~prior - weight * ~mask).view(2, 4, 4)
+    blocks = h.view(4, 4, 4, 4).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    quadratic = torch.einsum("ogi,gij,ogj->og", back, blocks, back)
+    reward = -(2 * (back * (dropped @ h).view(2, 4, 4)).sum(-1) + quadratic)
+    torch.testing.assert_close(reward, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_reward_finds_a_mask_with_less_output_error_than_its_prior():
+    weight, h, wanda = correlated_layer()
+    result = learn_one_layer(weight, wanda, h)
+    assert mask_is_exact(result.mask, NM(2, 4))
+    prior_error = float(method.row_errors(weight * ~wanda, h).sum())
+    error = float(method.row_errors(weight * ~result.mask, h).sum())
+    assert result.prior_error.item() == pytest.approx(prior_error, rel=1e-5)
+    assert result.error.item() == pytest.approx(error, rel=1e-5)
+    assert error < 0.8 * prior_error  # Wanda's diagonal view leaves a lot on the table here
+    assert int(result.changed) > 0
+
+
+def test_layer_reward_walks_from_the_worst_mask_to_the_best_on_uncorrelated_inputs():
+    """With uncorrelated inputs the error of a group depends on that group alone and the best
+    mask is Wanda's: from the reverse mask (the smallest |W|·‖X‖ kept), it gets there."""
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(16, 32, generator=gen)
+    h = torch.diag(torch.rand(32, generator=gen) + 0.5)
+    best = topn_mask(weight.abs() * h.diagonal().sqrt(), NM(2, 4))
+    worst = topn_mask(-(weight.abs() * h.diagonal().sqrt()), NM(2, 4))
+    result = learn_one_layer(weight, worst, h, steps=40)
+    assert (result.mask == best).float().mean() > 0.95
+
+
+def test_layer_reward_never_ends_worse_than_its_prior_row_by_row():
+    """Whatever the updates did (a huge step size makes them noise), a row keeps the prior's
+    mask where the learned one makes a larger error."""
+    weight, h, wanda = correlated_layer(seed=2)
+    result = learn_one_layer(weight, wanda, h, lr=1e4, logit_scale=0.5)
+    rows = method.row_errors(torch.stack([weight * ~result.mask, weight * ~wanda]), h)
+    assert bool((rows[0] <= rows[1] * (1 + 1e-6)).all())
+
+
+def test_layer_reward_is_deterministic_with_a_seed():
+    weight, h, wanda = correlated_layer()
+    masks = [learn_one_layer(weight, wanda, h, seed=seed).mask for seed in (0, 0, 1)]
+    assert torch.equal(masks[0], masks[1])
+    assert not torch.equal(masks[0], masks[2])
+
+
+@pytest.mark.parametrize("nm", ["2:4", "1:4", "3:4"])
+def test_layer_reward_on_a_model_gives_exact_masks_and_beats_its_prior(tokenizer, calib, nm):
+    model = make_model(len(tokenizer))
+    pretrained = {k: v.clone() for k, v in model.state_dict().items()}
+    config = MaskProConfig(nm=nm, prior="wanda", reward="layer", steps=8)
+    pruner = method.MaskPro(config)
+    from proxsparse.models import find_targets
+
+    targets, _ = find_targets(model, NM.parse(nm))
+    masks = pruner.select_masks(model, targets, calib, progress=False)
+    assert all(torch.equal(v, pretrained[k]) for k, v in model.state_dict().items())
+    assert set(masks) == {t.name for t in targets}
+    assert all(mask_is_exact(mask, NM.parse(nm)) for mask in masks.values())
+    results = pruner.layer_results
+    assert all(float(r.error) <= float(r.prior_error) * (1 + 1e-5) for r in results.values())
+    assert sum(float(r.error) for r in results.values()) < \
+        sum(float(r.prior_error) for r in results.values())
+    again = method.MaskPro(config).select_masks(model, targets, calib, progress=False)
+    assert all(torch.equal(masks[k], again[k]) for k in masks)
+
+
+def test_layer_reward_through_prune_and_the_command_line(tokenizer, calib, model_dir,
+                                                         tmp_path, capsys):
+    model, pretrained, result = learn(tokenizer, calib, reward="layer", steps=2, samples=2)
+    for name, mask in result.masks.items():
+        assert mask_is_exact(mask, NM(2, 4))
+        torch.testing.assert_close(model.get_submodule(name).weight,
+                                   pretrained[name + ".weight"] * mask, rtol=0, atol=0)
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "out"
+    assert main(["prune", "--model", model_dir, "--method", "maskpro", "--reward", "layer",
+                 "--samples", "4", "--steps", "3", "--calib", str(text), "--calib-windows",
+                 "4", "--seqlen", "32", "--out", str(out), "--quiet"]) == 0
+    settings = json.loads((out / "proxsparse.json").read_text())["hyperparameters"]
+    assert settings["reward"] == "layer" and settings["samples"] == 4
+    assert settings["steps"] == 3 and settings["logit_scale"] == 2.0  # the layer default
+    assert main(["verify", str(out), "--quiet"]) == 0
+
+
+def test_defaults_follow_the_reward_and_options_are_checked():
+    published = MaskProConfig()
+    assert (published.reward, published.logit_scale, published.lr, published.steps,
+            published.samples) == ("loss", 10.0, 50.0, 1000, 1)
+    layer = MaskProConfig(reward="layer")
+    assert (layer.logit_scale, layer.lr, layer.steps, layer.samples) == (2.0, 2.0, 16, 8)
+    assert MaskProConfig(reward="layer", lr=0.5, samples=3).lr == 0.5
+    for settings, message in [
+        (dict(reward="block"), "--reward must be 'loss' or 'layer'"),
+        (dict(samples=0), "--samples must be a positive integer"),
+        (dict(reward="layer", samples=1.5), "--samples must be"),
+        (dict(reward="layer", steps=-1), "--steps must be"),
+        (dict(reward="layer", resume=True), "--resume does not apply to --reward layer"),
+    ]:
+        with pytest.raises(ProxSparseError, match=message):
+            MaskProConfig(**settings)
+
+
+def test_reward_and_samples_are_command_line_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    described = " ".join(capsys.readouterr().out.split())
+    assert "--reward REWARD what a sampled mask is judged by" in described
+    assert "default 1 with --reward loss, 8 with --reward layer" in described
+
+
+def test_loss_reward_with_several_samples_and_a_leave_one_out_baseline(tokenizer, calib,
+                                                                       tmp_path):
+    runs = [learn(tokenizer, calib, samples=3, steps=3, lr=500.0, seed=seed,
+                  run_dir=str(tmp_path / f"{i}")) for i, seed in enumerate([0, 0])]
+    masks = [r[2].masks for r in runs]
+    assert all(mask_is_exact(mask, NM(2, 4)) for mask in masks[0].values())
+    assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
+    rows = [json.loads(line) for line in (tmp_path / "0" / LOG_FILE).read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) and r["explored"] > 0 for r in rows)
+    assert rows[-1]["changed"] > 0

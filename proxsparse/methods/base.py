@@ -19,7 +19,8 @@ from ..runlog import RunDir, check_run_dir, fingerprint
 
 def option(default, help: str, **metadata):
     """A config field with the one description of its setting, shown by ``prune --help``
-    (``cli_default``: the default the command line shows when it differs from ``default``)."""
+    (``cli_default``: the default the command line shows when it differs from ``default``;
+    ``kind``: the value's type where the default is None, resolved from other settings)."""
     return field(default=default, metadata={"help": help, **metadata})
 
 

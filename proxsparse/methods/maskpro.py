@@ -11,6 +11,18 @@ L_0 is the loss of the prior mask on the same windows (a paired comparison: what
 themselves cost cancels out) and δ the moving average of L_t − L_0 before this step, a baseline
 that lowers the variance. The final mask is the top-N logits of every group.
 
+``samples`` > 1 draws several masks per step on the same windows and takes each one's
+advantage against the mean loss of the others (a leave-one-out baseline) instead of L_0 + δ.
+
+``reward="layer"`` (a variance-reduced variant; weights frozen, no backpropagation, the same
+logits, sampler and REINFORCE update): one loss value per forward pass is shared by every group
+of the model (26.5 M on SmolLM2-135M), far too weak a signal for a CPU budget. Instead, in the
+block-by-block driver Wanda and SparseGPT use, each layer learns from its own output error on
+the inputs the layers learned before it give, and each group from its own share of its row's
+error: the error of the sampled mask less the error of the same mask with that group put back
+to the prior (a baseline that depends only on the other groups' draws, so the estimate stays
+unbiased). Several samples per step add a leave-one-out baseline. See ``learn_layer``.
+
 Layout: per layer, the logits and everything derived from them are ``[M, groups]``, position
 first. Every per-position operation is then one contiguous pass over all groups of the layer,
 several times faster on CPU than reducing a trailing dimension of size M.
@@ -18,6 +30,7 @@ several times faster on CPU than reducing a trailing dimension of size M.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
@@ -29,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..blockwise import prune_blockwise
 from ..errors import COUNT, NON_NEGATIVE, POSITIVE, STEPS, ProxSparseError, check_options
 from ..export import load_masks
 from ..learning import (
@@ -38,13 +52,23 @@ from ..learning import (
     learn,
 )
 from ..models import Target
-from ..nm import groups, pack_mask, topn_mask, unpack_mask
+from ..nm import NM, groups, pack_mask, topn_mask, unpack_mask
 from .base import LearningConfig, Pruner, option
+from .sparsegpt import _one_cpu_thread
 
 MAX_N = 4  # log p(set) sums over the N! orders a set can be drawn in: 24 for N = 4
 BASELINE_DECAY = 0.99  # δ ← 0.99·δ + 0.01·(L_t − L_0)
 TINY = 1e-30  # floor on a draw probability: an entry not drawn yet can always be drawn
 FAR = 1e9  # beyond any logit: pushes an entry out of a min or max
+SMALL_LAYER = 1 << 21  # weights × samples under which the layer reward learns on one thread
+
+
+REWARDS = ("loss", "layer")
+# Each reward's own defaults of the settings that mean different things under it.
+REWARD_DEFAULTS = {
+    "loss": {"logit_scale": 10.0, "lr": 50.0, "steps": 1000, "samples": 1},
+    "layer": {"logit_scale": 2.0, "lr": 2.0, "steps": 16, "samples": 8},
+}
 
 
 @dataclass
@@ -52,20 +76,46 @@ class MaskProConfig(LearningConfig):
     prior: str = option("magnitude", "the mask learning starts from: magnitude, wanda, "
                                      "sparsegpt or proxsparse (computed first), or a mask file "
                                      "or proxsparse output directory")
-    logit_scale: float = option(10.0, "C: every group's logits start at C times the prior "
-                                      "mask (larger: closer to the prior)")
-    lr: float = option(50.0, "policy-gradient step size (eta, as published, with the loss a "
-                             "mean over tokens)")
-    steps: int = option(1000, "policy-gradient steps, each one mask drawn and one forward "
-                              "pass; 0: no learning, the prior mask is the result")
-    batch_size: int = option(1, "calibration windows per step")
+    reward: str = option("loss", "what a sampled mask is judged by: loss (as published: the "
+                                 "model's loss, one value per forward pass shared by every "
+                                 "group) or layer (each layer's own output error, per output "
+                                 "row, with each group's share of it: the error the mask "
+                                 "makes less the error it makes with that group put back to "
+                                 "the prior; learned block by block, each layer on the inputs "
+                                 "the layers learned before it give)")
+    logit_scale: float | None = option(
+        None, "C: every group's logits start at C times the prior mask (larger: closer to the "
+              "prior)", kind=float, cli_default="10 with --reward loss, 2 with --reward layer")
+    lr: float | None = option(
+        None, "policy-gradient step size (eta; with --reward loss as published, the loss a "
+              "mean over tokens; with --reward layer in logits per step, the advantages "
+              "normalised per output row)", kind=float,
+        cli_default="50 with --reward loss, 2 with --reward layer")
+    steps: int | None = option(
+        None, "policy-gradient steps (with --reward layer: per layer); 0: no learning, the "
+              "prior mask is the result", kind=int,
+        cli_default="1000 with --reward loss, 16 with --reward layer")
+    samples: int | None = option(
+        None, "masks drawn per step; with more than one, each sample's advantage is taken "
+              "against the mean of the others (a leave-one-out baseline). --reward loss: one "
+              "forward pass per sample", kind=int,
+        cli_default="1 with --reward loss, 8 with --reward layer")
+    batch_size: int = option(1, "calibration windows per step (--reward loss; with --reward "
+                                "layer every window counts in every step)")
     checkpoint_every: int = 100
     method = "maskpro"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_options(self, reward=REWARDS)
+        for name, value in REWARD_DEFAULTS[self.reward].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         check_options(self, logit_scale=POSITIVE, lr=NON_NEGATIVE, steps=STEPS,
-                      batch_size=COUNT)
+                      batch_size=COUNT, samples=COUNT)
+        if self.reward == "layer" and self.resume:
+            raise ProxSparseError("--resume does not apply to --reward layer: it learns in one "
+                                  "block-by-block pass and keeps no checkpoint; run it afresh")
 
 
 # --- sampling N of M without replacement, and the log-probability of the drawn set ---
@@ -168,6 +218,94 @@ def window_losses(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return loss.view(len(batch), -1).mean(-1)
 
 
+# --- the layer reward: each layer learns from its own output error, block by block ---
+
+
+def gram(inputs: torch.Tensor) -> torch.Tensor:
+    """XᵀX / tokens of a layer's input ``[..., in]``, float32: the output error of a weight
+    change Δ (one row) is Δ·XᵀX·Δ."""
+    flat = inputs.reshape(-1, inputs.shape[-1]).float()
+    return flat.T @ flat / flat.shape[0]
+
+
+def row_errors(dropped: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Output error of every row of ``dropped`` ``[..., out, in]`` (the weights a mask removes)
+    on inputs of Gram matrix ``h``: ``[..., out]``."""
+    return ((dropped @ h) * dropped).sum(-1)
+
+
+@dataclass
+class LayerResult:
+    """What the layer reward learned for one layer."""
+
+    mask: torch.Tensor  # bool [out, in]
+    prior_error: torch.Tensor  # Σ over rows of the output error of the prior mask
+    error: torch.Tensor  # the same for ``mask``
+    changed: torch.Tensor  # groups whose kept set differs from the prior's
+
+
+def learn_layer(
+    weight: torch.Tensor, prior: torch.Tensor, h: torch.Tensor, nm: NM, *, steps: int,
+    samples: int, lr: float, logit_scale: float, generator: torch.Generator,
+) -> LayerResult:
+    """MaskPro on one layer with its own output error as the reward (``reward="layer"``).
+
+    ``weight`` ``[out, in]`` stays frozen; ``prior`` is the 0/1 prior mask; ``h`` the Gram
+    matrix of the layer's inputs. Every step draws ``samples`` masks (N of M without
+    replacement from softmax(π) per group, π starting at C·prior) and judges each group by its
+    share of its row's output error: the error of the sampled mask less the error of the same
+    mask with that group put back to the prior's choice. That baseline depends only on the
+    other groups' draws, so the policy gradient stays unbiased, while the reward of a group is
+    no longer shared by every other group of the model (or of its row). With several samples,
+    each one's reward is taken against the mean of the others (leave-one-out), then scaled by
+    its row's root-mean-square, and π ← π − lr·mean(advantage·∇π log p(set)).
+
+    The final mask is the top-N logits of every group, kept for a row only where it makes a
+    smaller output error than the prior (rows are independent in this error).
+    """
+    out_features, in_features = weight.shape
+    m, n, k = nm.m, nm.n, samples
+    width = in_features // m  # groups per row
+    w = weight.detach().float()
+    prior = prior.to(w.dtype)
+    dropped_prior = w * (1 - prior)
+    # Position-first layout [M, k·G] as in the rest of the module, sample j in columns
+    # j·G … (j+1)·G; only the matrix product runs on rows [k, out, in].
+    prior_k = groups(prior, m).flatten(0, 1).t().repeat(1, k)
+    w_k = groups(w, m).flatten(0, 1).t().repeat(1, k)
+    # h's diagonal M×M blocks [M, M, 1, width]: the error of a change inside one group
+    diagonal = h.view(width, m, width, m).diagonal(dim1=0, dim2=2).unsqueeze(2).contiguous()
+    logits = prior_k[:, : out_features * width].mul(logit_scale)
+    for _ in range(steps):
+        p = logits.softmax(0).repeat(1, k)
+        picks, left = _draw(p, n, generator)
+        kept = 1 - left.sign()
+        if n == 2:
+            grad = _grad_of_pairs(p, kept, never=left.sum(0))
+        else:
+            grad = _log_prob_and_grad(p, picks, never=left.sum(0))[1]
+        rows = (w_k - w_k * kept).t().reshape(k, out_features, in_features)
+        pulled = (rows @ h).view(-1, m).t()  # Δ·h: the error's linear term, [M, k·G]
+        back = w_k * (kept - prior_k)  # the change that restores each group to the prior
+        change = torch.mul(pulled, 2, out=torch.empty_like(kept))  # contiguous, as kept
+        for j in range(m):  # + h_gg·back, per group
+            change += (diagonal[:, j] * back[j].view(1, -1, width)).view(m, -1)
+        # error(sample) − error(sample with the group back at the prior), [k, G]
+        reward = -(back * change).sum(0).view(k, -1)
+        if k > 1:
+            reward = reward - (reward.sum(0) - reward) / (k - 1)
+        scale = reward.view(k, out_features, width).square().mean((0, 2)).sqrt()
+        advantage = reward.view(k, out_features, width) / scale.clamp_min(TINY).view(1, -1, 1)
+        logits -= (lr / k) * (grad.view(m, k, -1) * advantage.view(1, k, -1)).sum(1)
+    final = topn_mask(logits.t().reshape(out_features, in_features), nm).to(w.dtype)
+    errors = row_errors(torch.stack([w * (1 - final), dropped_prior]), h)
+    better = errors[0] <= errors[1]
+    mask = torch.where(better.unsqueeze(1), final, prior).bool()
+    changed = groups(mask != prior.bool(), m).any(-1).sum()
+    return LayerResult(mask, errors[1].sum(), torch.where(better, errors[0], errors[1]).sum(),
+                       changed)
+
+
 # --- the method on the learning loop ---
 
 
@@ -205,6 +343,8 @@ class MaskPro(Pruner):
             raise ProxSparseError(f"maskpro supports N ≤ {MAX_N} (it sums over the N! orders of "
                                   f"a drawn set), not {cfg.nm}; use e.g. 2:4 or 4:8, or "
                                   "proxsparse")
+        if cfg.reward == "layer":
+            return self._learn_by_layer(model, targets, calib, progress)
         world = current_world(cfg.learn_device)
         run = cfg.open_run(targets, calib)
         with Placement(model, targets, world, cfg.learn_dtype) as placement:
@@ -214,6 +354,64 @@ class MaskPro(Pruner):
                              windows=calib.shape[0], world=world, progress=progress)
             finally:
                 learning.show_pretrained()  # however it ends, the weights are the pretrained
+
+
+    @torch.no_grad()
+    def _learn_by_layer(self, model, targets, calib, progress) -> dict[str, torch.Tensor]:
+        """``reward="layer"``: one block-by-block pass (as Wanda and SparseGPT run); each layer
+        learns its mask from its own output error on the inputs of the layers learned before
+        it, then runs masked for the layers after it. The weights end pretrained."""
+        cfg: MaskProConfig = self.config
+        pretrained = {t.name: t.module.weight.detach().clone() for t in targets}
+        try:
+            priors = _prior_masks(cfg, model, targets, calib, progress)
+        finally:  # Wanda and SparseGPT write into the weights
+            for t in targets:
+                t.module.weight.copy_(pretrained[t.name])
+        generator = None
+        masks: dict[str, torch.Tensor] = {}
+        cache: dict = {"input": None, "gram": None}
+        self.layer_results: dict[str, LayerResult] = {}
+
+        def prune_layer(target, inputs):
+            nonlocal generator
+            weight = target.module.weight
+            if generator is None:
+                generator = torch.Generator(weight.device).manual_seed(cfg.seed)
+            # q/k/v (and gate/up) receive the same tensor: one Gram matrix for them
+            if cache["input"] is not inputs:
+                cache["input"], cache["gram"] = inputs, gram(inputs)
+            # a small layer's steps are many tiny operations: on the CPU, worker threads only
+            # add synchronisation (many times slower when other processes share the cores)
+            small = weight.numel() * cfg.samples < SMALL_LAYER
+            with _one_cpu_thread(weight.device) if small else contextlib.nullcontext():
+                result = learn_layer(weight, priors[target.name].to(weight.device),
+                                     cache["gram"], cfg.nm, steps=cfg.steps,
+                                     samples=cfg.samples, lr=cfg.lr,
+                                     logit_scale=cfg.logit_scale, generator=generator)
+            weight.mul_(result.mask)
+            masks[target.name] = result.mask
+            self.layer_results[target.name] = result
+
+        try:
+            prune_blockwise(model, targets, calib, prune_layer, progress,
+                            device=cfg.learn_device or None)
+        finally:
+            cache.clear()
+            for t in targets:
+                t.module.weight.copy_(pretrained[t.name])
+        if progress and self.layer_results:
+            before = sum(float(r.prior_error) for r in self.layer_results.values())
+            after = sum(float(r.error) for r in self.layer_results.values())
+            moved = sum(int(r.changed) for r in self.layer_results.values())
+            print(f"MaskPro (layer reward): {moved} groups left the {cfg.prior} prior; summed "
+                  f"layer output error {after / before:.4f}x the prior's")
+        if cfg.steps and not any(int(r.changed) for r in self.layer_results.values()):
+            warnings.warn(f"MaskPro ended on its prior mask: no group changed in {cfg.steps} "
+                          f"steps per layer, so the result is the {cfg.prior!r} mask. More "
+                          "--steps, --samples or --lr, or a smaller --logit-scale, let it "
+                          "explore more.", stacklevel=2)
+        return masks
 
 
 class MaskProLearning(LearningMethod):
@@ -278,18 +476,40 @@ class MaskProLearning(LearningMethod):
         cfg, layers, model = self.cfg, self.layers, self.placement.model
         windows = torch.cat(batches)
         self._fill_prior_losses(model, windows)
-        explored = self._sample(layers, self.generator)
-        loss = torch.cat([window_losses(model, self.calib[b].to(self.device))
-                          for b in batches]).mean()
-        residual = loss - self.prior_loss[windows.to(self.device)].mean()
-        advantage = residual - self.baseline
+        prior_loss = self.prior_loss[windows.to(self.device)].mean()
+        if cfg.samples == 1:  # as published: against L_0 and the moving baseline δ
+            explored = self._sample(layers, self.generator)
+            loss = self._loss(model, batches)
+            residual = loss - prior_loss
+            advantage = residual - self.baseline
+            self._update(layers, cfg.lr * advantage)
+        else:  # K masks on the same windows, each against the mean of the others
+            explored, losses, grads = 0, [], []
+            for _ in range(cfg.samples):
+                explored = explored + self._sample(layers, self.generator)
+                losses.append(self._loss(model, batches))
+                grads.append([layer.grad for layer in layers])
+            losses = torch.stack(losses)
+            k = cfg.samples
+            advantages = losses - (losses.sum() - losses) / (k - 1)
+            for i, layer in enumerate(layers):
+                step_ = sum(a * g[i].float() for a, g in zip(advantages, grads, strict=True))
+                layer.offset.copy_(layer.offset.float().sub_(step_, alpha=cfg.lr / k))
+                layer.grad = None
+            del grads
+            explored, loss = explored / k, losses.mean()
+            residual = loss - prior_loss
         self.baseline = BASELINE_DECAY * self.baseline + (1 - BASELINE_DECAY) * residual
-        self._update(layers, cfg.lr * advantage)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps or self.changed is None:
             self.changed = self._changed(layers)  # a full pass over the logits: not every step
         return {"loss": loss, "prior_loss": loss - residual, "residual": residual,
                 "baseline": self.baseline, "explored": explored, "changed": self.changed}
+
+    def _loss(self, model, batches) -> torch.Tensor:
+        """The loss of the mask on the weights over this step's windows."""
+        return torch.cat([window_losses(model, self.calib[b].to(self.device))
+                          for b in batches]).mean()
 
     def postfix(self, latest):
         return {"loss": f"{latest['loss']:.3f}", "L0": f"{latest['prior_loss']:.3f}",
@@ -297,7 +517,8 @@ class MaskProLearning(LearningMethod):
 
     def title(self):
         cfg = self.cfg
-        return f"MaskPro {cfg.nm}: prior={cfg.prior}, C={cfg.logit_scale}, lr={cfg.lr}"
+        samples = f", {cfg.samples} samples" if cfg.samples > 1 else ""
+        return f"MaskPro {cfg.nm}: prior={cfg.prior}, C={cfg.logit_scale}, lr={cfg.lr}{samples}"
 
     def state_dict(self):
         return {
@@ -384,26 +605,29 @@ class MaskProLearning(LearningMethod):
             layer.grad = None
 
     def _prior_masks(self, model, targets: list[Target], calib, progress) -> dict:
-        """m0: another method's masks on the same windows, or a saved mask file."""
-        from . import PRUNERS, config_for, pruner_for  # here: the registry imports this module
+        return _prior_masks(self.cfg, model, targets, calib, progress)
 
-        cfg: MaskProConfig = self.cfg
-        if cfg.prior in PRUNERS and cfg.prior != cfg.method:
-            prior = config_for(cfg.prior, nm=cfg.nm, include=cfg.include, ignore=cfg.ignore,
-                               seed=cfg.seed)
-            return pruner_for(prior).select_masks(model, targets, calib, progress)
-        if not Path(cfg.prior).exists():
-            methods = ", ".join(m for m in PRUNERS if m != cfg.method)
-            raise ProxSparseError(f"--prior {cfg.prior!r} is neither a method ({methods}) nor "
-                                  "a mask file or proxsparse output directory")
-        masks, nm = load_masks(cfg.prior)
-        if nm != cfg.nm:
-            raise ProxSparseError(f"the prior masks in {cfg.prior} are {nm}, not {cfg.nm}: "
-                                  f"use --nm {nm} or another prior")
-        for target in targets:
-            shape = tuple(target.module.weight.shape)
-            if target.name not in masks or tuple(masks[target.name].shape) != shape:
-                raise ProxSparseError(f"the prior masks in {cfg.prior} have no {shape} mask for "
-                                      f"{target.name}: they were made for another model or "
-                                      "other layers")
-        return masks
+
+def _prior_masks(cfg: MaskProConfig, model, targets: list[Target], calib, progress) -> dict:
+    """m0: another method's masks on the same windows, or a saved mask file."""
+    from . import PRUNERS, config_for, pruner_for  # here: the registry imports this module
+
+    if cfg.prior in PRUNERS and cfg.prior != cfg.method:
+        prior = config_for(cfg.prior, nm=cfg.nm, include=cfg.include, ignore=cfg.ignore,
+                           seed=cfg.seed)
+        return pruner_for(prior).select_masks(model, targets, calib, progress)
+    if not Path(cfg.prior).exists():
+        methods = ", ".join(m for m in PRUNERS if m != cfg.method)
+        raise ProxSparseError(f"--prior {cfg.prior!r} is neither a method ({methods}) nor "
+                              "a mask file or proxsparse output directory")
+    masks, nm = load_masks(cfg.prior)
+    if nm != cfg.nm:
+        raise ProxSparseError(f"the prior masks in {cfg.prior} are {nm}, not {cfg.nm}: "
+                              f"use --nm {nm} or another prior")
+    for target in targets:
+        shape = tuple(target.module.weight.shape)
+        if target.name not in masks or tuple(masks[target.name].shape) != shape:
+            raise ProxSparseError(f"the prior masks in {cfg.prior} have no {shape} mask for "
+                                  f"{target.name}: they were made for another model or "
+                                  "other layers")
+    return masks
