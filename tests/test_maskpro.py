@@ -403,3 +403,14 @@ def test_loss_reward_with_several_samples_and_a_leave_one_out_baseline(tokenizer
     rows = [json.loads(line) for line in (tmp_path / "0" / LOG_FILE).read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) and r["explored"] > 0 for r in rows)
     assert rows[-1]["changed"] > 0
+
+
+def test_balanced_gram_weighs_every_token_alike():
+    x = torch.randn(2, 8, 16)
+    x[:, 0] *= 300  # an attention-sink position
+    plain, balanced = method.gram(x), method.gram(x, balanced=True)
+    unit = x / x.norm(dim=-1, keepdim=True)
+    expected = method.gram(unit) * x.norm(dim=-1).flatten().median() ** 2
+    torch.testing.assert_close(balanced, expected, rtol=1e-4, atol=1e-6)
+    assert plain.trace() > 100 * balanced.trace()
+    assert MaskProConfig(reward="layer", balanced=True).balanced

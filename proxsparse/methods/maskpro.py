@@ -100,6 +100,10 @@ class MaskProConfig(LearningConfig):
               "against the mean of the others (a leave-one-out baseline). --reward loss: one "
               "forward pass per sample", kind=int,
         cli_default="1 with --reward loss, 8 with --reward layer")
+    balanced: bool = option(False, "--reward layer: scale every calibration token's input to "
+                                   "the same norm in each layer's error, so that no token (an "
+                                   "attention-sink position with massive activations) outweighs "
+                                   "the others")
     batch_size: int = option(1, "calibration windows per step (--reward loss; with --reward "
                                 "layer every window counts in every step)")
     checkpoint_every: int = 100
@@ -221,10 +225,16 @@ def window_losses(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 # --- the layer reward: each layer learns from its own output error, block by block ---
 
 
-def gram(inputs: torch.Tensor) -> torch.Tensor:
+def gram(inputs: torch.Tensor, balanced: bool = False) -> torch.Tensor:
     """XᵀX / tokens of a layer's input ``[..., in]``, float32: the output error of a weight
-    change Δ (one row) is Δ·XᵀX·Δ."""
+    change Δ (one row) is Δ·XᵀX·Δ. ``balanced``: every token's input scaled to the median
+    token norm first, so that no token (an attention-sink position whose activations are
+    hundreds of times larger) outweighs the others: each token's error counts relative to its
+    own size."""
     flat = inputs.reshape(-1, inputs.shape[-1]).float()
+    if balanced:
+        norms = flat.norm(dim=1, keepdim=True)
+        flat = flat * (norms.median() / norms.clamp_min(TINY))
     return flat.T @ flat / flat.shape[0]
 
 
@@ -380,7 +390,7 @@ class MaskPro(Pruner):
                 generator = torch.Generator(weight.device).manual_seed(cfg.seed)
             # q/k/v (and gate/up) receive the same tensor: one Gram matrix for them
             if cache["input"] is not inputs:
-                cache["input"], cache["gram"] = inputs, gram(inputs)
+                cache["input"], cache["gram"] = inputs, gram(inputs, cfg.balanced)
             # a small layer's steps are many tiny operations: on the CPU, worker threads only
             # add synchronisation (many times slower when other processes share the cores)
             small = weight.numel() * cfg.samples < SMALL_LAYER
