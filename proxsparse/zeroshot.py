@@ -104,11 +104,11 @@ def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
 
 
 def lm_eval_module() -> ModuleType:
-    """lm_eval, checked to be a 0.4 release, or one line saying how to install it."""
+    """lm_eval, checked to be a 0.4 or 0.5 release, or one line saying how to install it."""
     lm_eval = require("lm_eval", PURPOSE)
     version = getattr(lm_eval, "__version__", "unknown")
-    if not str(version).startswith("0.4."):
-        raise ProxSparseError(f"{PURPOSE} needs lm_eval 0.4.x, found {version}: "
+    if not str(version).startswith(("0.4.", "0.5.")):
+        raise ProxSparseError(f"{PURPOSE} needs lm_eval 0.4 or 0.5, found {version}: "
                               "pip install 'proxsparse[eval]'")
     return lm_eval
 
@@ -120,7 +120,8 @@ class TaskSet:
 
     names: list[str]
     manager: Any  # lm_eval's TaskManager
-    loaded: list  # lm_eval Task and Group objects, as simple_evaluate takes them
+    loaded: list  # lm_eval Task and Group objects, as simple_evaluate takes them (0.4)
+    task_dict: dict  # TaskManager.load's {"tasks", "groups", "group_map"} of all names (0.5)
 
 
 def load_tasks(
@@ -137,8 +138,14 @@ def load_tasks(
     names = [str(Path(n).resolve()) if _yaml_file(n) else n for n in parse_tasks(tasks)]
     lm_eval_module()
     manager = _task_manager(names, _include_paths(include_path))
-    loaded = [task for name in names for task in _load_task(manager, name, progress)]
-    return TaskSet(names, manager, loaded)
+    task_dict: dict = {"tasks": {}, "groups": {}, "group_map": {}}
+    for name in names:
+        for key, items in _load_task(manager, name, progress).items():
+            task_dict[key].update(items)
+    children = {child for kids in task_dict["group_map"].values() for child in kids}
+    groups = [g for n, g in task_dict["groups"].items() if n not in children]
+    loaded = groups or list(task_dict["tasks"].values())
+    return TaskSet(names, manager, loaded, task_dict)
 
 
 def zero_shot(
@@ -169,13 +176,35 @@ def zero_shot(
     from lm_eval.models.huggingface import HFLM
 
     start = time.perf_counter()
+    if _takes_task_objects():
+        tasks_given, manager = task_set.loaded, task_set.manager
+    else:  # 0.5 loads named tasks through task_manager.load: hand it the loaded ones
+        tasks_given, manager = task_set.names, _Loaded(task_set.task_dict)
     with _lm_eval_output(progress), _no_git_lookup(evaluator):
         # HFLM sets a pad token on the tokenizer it is given: give it a copy.
         lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
         results = evaluator.simple_evaluate(
-            model=lm, tasks=task_set.loaded, task_manager=task_set.manager,
+            model=lm, tasks=tasks_given, task_manager=manager,
             num_fewshot=num_fewshot, limit=limit, log_samples=False)
     return _scores(results, time.perf_counter() - start, limit)
+
+
+def _takes_task_objects() -> bool:
+    """lm_eval 0.4's simple_evaluate takes built Task objects; 0.5's takes names only."""
+    import lm_eval
+
+    return str(getattr(lm_eval, "__version__", "")).startswith("0.4.")
+
+
+@dataclass
+class _Loaded:
+    """Stands in for lm_eval 0.5's TaskManager inside simple_evaluate: its ``load`` returns
+    the tasks already built (their data read in their YAML's folder), not a second copy."""
+
+    task_dict: dict
+
+    def load(self, specs, overrides=None) -> dict:
+        return self.task_dict
 
 
 @contextlib.contextmanager
@@ -224,22 +253,23 @@ def _yaml_file(name: str) -> bool:
     return name.endswith((".yaml", ".yml")) and Path(name).is_file()
 
 
-def _load_task(manager, name: str, progress: bool) -> list:
-    """The task or group ``name`` built by lm_eval (its data loaded), as a list of top-level
-    objects for ``simple_evaluate``; one clear line when its data cannot be had."""
+def _load_task(manager, name: str, progress: bool) -> dict:
+    """The task or group ``name`` built by lm_eval with its data loaded (lm_eval 0.5 reads
+    data lazily: read here, in the YAML's folder), as TaskManager.load returns it; one clear
+    line when its data cannot be had."""
     folder = _local_folder(manager, name)
     try:
         with _lm_eval_output(progress), _working_directory(folder):
             loaded = manager.load([name])
+            for task in loaded["tasks"].values():
+                getattr(task, "dataset", None)
     except Exception as err:  # network, file and format errors come in many types
         hint = ("check the task's YAML and its data files (paths relative to the YAML's folder)"
                 if folder is not None else
                 "with no network, run local task YAMLs (--include-path)")
         raise ProxSparseError(f"task {name!r}: cannot load its data ({type(err).__name__}: "
                               f"{first_line(err)}); {hint}") from err
-    children = {child for kids in loaded["group_map"].values() for child in kids}
-    groups = [g for n, g in loaded["groups"].items() if n not in children]
-    return groups or list(loaded["tasks"].values())
+    return {key: dict(loaded.get(key, {})) for key in ("tasks", "groups", "group_map")}
 
 
 def _local_folder(manager, name: str) -> Path | None:
@@ -247,7 +277,9 @@ def _local_folder(manager, name: str) -> Path | None:
     path), not one of lm_eval's own."""
     if _yaml_file(name):
         return Path(name).parent
-    entry = manager.task_index.get(name)
+    # lm_eval 0.4 names the index task_index, 0.5 _task_index (entries keep yaml_path)
+    index = getattr(manager, "task_index", None) or getattr(manager, "_task_index", {})
+    entry = index.get(name)
     path = getattr(entry, "yaml_path", None)
     if path is None:
         return None
