@@ -14,6 +14,7 @@ from .learning.distributed import launched_by_torchrun
 from .methods import PruneConfig, pruner_for
 from .models import check_finite, find_targets
 from .nm import is_valid_nm, mask_is_exact
+from .permute import Permutation, permute_channels
 
 
 @dataclass
@@ -24,6 +25,7 @@ class PruneResult:
     masks: dict[str, torch.Tensor]
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    permutations: dict[str, Permutation] = field(default_factory=dict)  # --permute's, by reader
 
     def layer_stats(self, model: nn.Module) -> dict[str, dict]:
         modules = dict(model.named_modules())
@@ -59,6 +61,12 @@ def prune(
 
     torch.manual_seed(config.seed)
     start = time.perf_counter()
+    permutations = {}
+    if config.permute:
+        permutations = permute_channels(
+            model, targets, config.nm, pruner.permutation_score,
+            calib if pruner.needs_calibration else None, config.permute_rounds, config.seed,
+            progress)
     masks = pruner.select_masks(model, targets, calib, progress=progress)
     if not pruner.makes_masks:  # the method changed the model otherwise: no N:M layer
         return PruneResult(config, {}, skipped, time.perf_counter() - start)
@@ -72,7 +80,8 @@ def prune(
         if not (mask_is_exact(masks[target.name], config.nm)
                 and is_valid_nm(target.module.weight, config.nm)):
             raise RuntimeError(f"internal error: {target.name} is not valid {config.nm}")
-    return PruneResult(config, {t.name: masks[t.name].cpu() for t in targets}, skipped, seconds)
+    return PruneResult(config, {t.name: masks[t.name].cpu() for t in targets}, skipped, seconds,
+                       permutations)
 
 
 def describe(result: PruneResult, model: nn.Module, **context) -> dict:
@@ -97,4 +106,9 @@ def describe(result: PruneResult, model: nn.Module, **context) -> dict:
         "targets": list(result.masks),
         "skipped": result.skipped,
         "layers": result.layer_stats(model),
+        # each permuted reader's new column order: column j holds original input channel
+        # columns[j]; its producers' rows follow (gate/up: the same order; v_proj: the order
+        # of each kv head's block)
+        **({"permutations": {name: p.as_dict() for name, p in result.permutations.items()}}
+           if result.permutations else {}),
     }

@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=_shared_help("include", ". Repeatable"))
     p.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                    help=_shared_help("ignore", ". Repeatable"))
+    p.add_argument("--permute", action="store_true", help=_shared_help("permute"))
+    p.add_argument("--permute-rounds", type=int, default=25,
+                   help=_shared_help("permute_rounds", " (default 25)"))
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier proxsparse output at --out (only a directory with "
@@ -310,7 +313,9 @@ def cmd_prune(args) -> int:
     context = {"model": args.model, "calib": args.calib, "calib_windows": args.calib_windows,
                "seqlen": args.seqlen}  # with N:M and the settings: what --resume must match
     config = config_for(args.method, nm=args.nm, include=args.include, ignore=args.ignore,
-                        seed=args.seed, context=context, **method_settings)
+                        seed=args.seed, permute=args.permute,
+                        permute_rounds=args.permute_rounds, context=context,
+                        **method_settings)
     check_options(args, calib_windows=COUNT, seqlen=WINDOW)
     export.check_output_dir(args.out, args.overwrite, local_source(args.model),
                             Path(config.run_dir) if learning else None)

@@ -54,7 +54,14 @@ class PruneConfig:
                                           "'*.mlp.*' or 'lm_head'); they replace the default "
                                           "targets, every linear in the decoder blocks")
     ignore: tuple[str, ...] = option((), "glob patterns of linear layer names to leave dense")
-    seed: int = option(0, "seed of the learning methods' random draws")
+    seed: int = option(0, "seed of the learning methods' random draws (and of --permute's "
+                          "search)")
+    permute: bool = option(False, "first reorder the input channels of down_proj (with the "
+                                  "rows of gate/up) and of o_proj (with v_proj's rows inside "
+                                  "each head) so that the N:M groups keep more of the score: "
+                                  "exact and free at inference, the export stays a plain "
+                                  "checkpoint (DESIGN.md §10)")
+    permute_rounds: int = option(25, "rounds of --permute's pair-exchange search per layer")
     hyperparameters: dict = field(default_factory=dict, repr=False, compare=False)
     # What the caller knows of the inputs (model id, calibration source, windows, seqlen): part
     # of a learning run's identity, so that --resume refuses a run on other inputs.
@@ -66,12 +73,13 @@ class PruneConfig:
         """Every option is checked here, when the config is built (the one place)."""
         self.nm = NM.parse(self.nm)
         self.include, self.ignore = tuple(self.include), tuple(self.ignore)
-        check_options(self, seed=SEED)
+        check_options(self, seed=SEED, permute_rounds=COUNT)
 
     def settings(self) -> dict:
         """The method's own knobs, for the export metadata."""
         shared = {f for f in PruneConfig.__dataclass_fields__}
-        return {k: v for k, v in vars(self).items() if k not in shared}
+        return {**{k: v for k, v in vars(self).items() if k not in shared},
+                **self.permutation()}
 
     def identity(self) -> dict:
         """Every setting that shapes the result: what a resumed run must share with the run it
@@ -80,6 +88,10 @@ class PruneConfig:
         return {**{k: v for k, v in self.settings().items() if k not in bookkeeping},
                 "nm": str(self.nm), "seed": self.seed, "include": list(self.include),
                 "ignore": list(self.ignore), **self.context}
+
+    def permutation(self) -> dict:
+        """The --permute settings, where they are on (a run without them keeps its identity)."""
+        return {"permute": True, "permute_rounds": self.permute_rounds} if self.permute else {}
 
 
 @dataclass
@@ -158,6 +170,8 @@ class Pruner(ABC):
     needs_calibration: ClassVar[bool] = True
     multi_process: ClassVar[bool] = False  # learns across the processes torchrun launches
     makes_masks: ClassVar[bool] = True  # False: it changes the model otherwise (ProSparse)
+    # what --permute raises the kept share of: "wanda" (|W| times input norms) or "magnitude"
+    permutation_score: ClassVar[str] = "wanda"
 
     def __init__(self, config: PruneConfig) -> None:
         self.config = config

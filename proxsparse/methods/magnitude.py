@@ -18,6 +18,7 @@ class MagnitudeConfig(PruneConfig):
 class Magnitude(Pruner):
     config_class = MagnitudeConfig
     needs_calibration = False
+    permutation_score = "magnitude"
 
     @torch.no_grad()
     def select_masks(self, model, targets, calib=None, progress=True):

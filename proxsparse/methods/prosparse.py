@@ -147,6 +147,9 @@ class ProSparseConfig(LearningConfig):
                       lr=NON_NEGATIVE, steps=STEPS, batch_size=COUNT, warmup=SHARE,
                       max_grad_norm=POSITIVE)
         parse_stages(self.stages)
+        if self.permute:
+            raise ProxSparseError("--permute reorders channels for N:M masks, which prosparse "
+                                  "does not make: permute when pruning its output to N:M")
 
 
 class ProSparse(Pruner):
