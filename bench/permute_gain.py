@@ -21,7 +21,7 @@ import torch
 import proxsparse as ps
 from proxsparse.models import decoder_blocks, find_targets
 from proxsparse.nm import NM
-from proxsparse.permute import find_sites, kept_score, search_orders
+from proxsparse.permute import find_sites, kept_score, reorder, search_orders
 
 READERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 
@@ -30,7 +30,7 @@ def gain(score: torch.Tensor, nm: NM, rounds: int) -> tuple[float, float]:
     start = time.perf_counter()
     orders = search_orders(score, nm, rounds, seed=0)
     seconds = time.perf_counter() - start
-    after = kept_score(score.gather(2, orders[:, None].expand_as(score)), nm).sum()
+    after = kept_score(reorder(score, orders), nm).sum()
     return float(after / kept_score(score, nm).sum() - 1), seconds
 
 

@@ -31,6 +31,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .activations import input_feature_norms
+from .errors import ProxSparseError
 from .gated_mlp import gated_mlps
 from .models import Target, decoder_blocks
 from .nm import NM
@@ -101,7 +103,7 @@ def find_sites(model: nn.Module, targets: list[Target]) -> list[Site]:
 def _gated_mlps_or_none(model: nn.Module) -> list:
     try:
         return gated_mlps(model)
-    except Exception:  # no gated MLP: only attention sites
+    except ProxSparseError:  # no gated MLP: only attention sites
         return []
 
 
@@ -174,6 +176,11 @@ def search_orders(score: Tensor, nm: NM, rounds: int = 25, seed: int = 0) -> Ten
     return order
 
 
+def reorder(score: Tensor, orders: Tensor) -> Tensor:
+    """``score`` ``[B, rows, C]`` with the columns of each leading index in its order."""
+    return score.gather(2, orders[:, None].expand_as(score))
+
+
 @dataclass
 class Permutation:
     """What was done at one site: the reader's new column order and the kept-score gain."""
@@ -207,7 +214,13 @@ def permute_channels(
     if score not in SCORES:
         raise ValueError(f"unknown permutation score {score!r}: one of {SCORES}")
     sites = find_sites(model, targets)
-    norms = _input_norms(model, sites, calib) if score == "wanda" else {}
+    norms = {}
+    if score == "wanda":
+        if calib is None:
+            raise ValueError("the wanda permutation score needs calibration windows")
+        readers = {site.name for site in sites}
+        norms = input_feature_norms(model, [t for t in targets if t.name in readers],
+                                    calib[:_NORM_WINDOWS], progress=progress)
     done: dict[str, Permutation] = {}
     for site in tqdm(sites, desc="permuting channels", disable=not progress, leave=False):
         weight = site.reader.weight.detach().float().abs()
@@ -216,7 +229,7 @@ def permute_channels(
         blocks = site.scores(weight.cpu())
         orders = search_orders(blocks, nm, rounds, seed)
         before = float(kept_score(blocks, nm).sum())
-        after = float(kept_score(blocks.gather(2, orders[:, None].expand_as(blocks)), nm).sum())
+        after = float(kept_score(reorder(blocks, orders), nm).sum())
         _apply(site, orders)
         done[site.name] = Permutation(site.column_index(orders).tolist(), before, after)
     return done
@@ -233,29 +246,5 @@ def _apply(site: Site, orders: Tensor) -> None:
             producer.bias.data = producer.bias.data[index].contiguous()
 
 
-def _input_norms(model: nn.Module, sites: list[Site], calib: Tensor | None) -> dict[str, Tensor]:
-    """The L2 norm of every input channel of each site's reader over calibration tokens."""
-    if calib is None:
-        raise ValueError("the wanda permutation score needs calibration windows")
-    sums: dict[str, Tensor] = {}
-
-    def hook(name):
-        def record(_module, args):
-            x = args[0].detach().float()
-            total = x.reshape(-1, x.shape[-1]).square().sum(0).cpu()
-            sums[name] = sums[name] + total if name in sums else total
-        return record
-
-    handles = [site.reader.register_forward_pre_hook(hook(site.name)) for site in sites]
-    device = next(model.parameters()).device
-    try:
-        for window in calib[:_NORM_WINDOWS]:
-            model(window[None].to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: total.sqrt() for name, total in sums.items()}
-
-
 __all__ = ["SCORES", "Permutation", "Site", "find_sites", "kept_score", "permute_channels",
-           "search_orders"]
+           "reorder", "search_orders"]
