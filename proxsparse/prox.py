@@ -18,7 +18,9 @@ face without a valid minimum simply loses the comparison.
   precision without any data-dependent control flow.
 * other N:M (``_prox_general``, slower): on each face, damped Newton steps (Hessian shifted to be
   positive definite, best of a few step lengths, never increasing the objective) from two starts:
-  the best point on the ray t * a and the lower face's candidate with a small new entry.
+  the best point on the ray t * a and the lower face's candidate with a small new entry. For
+  M = 4 and 8 the same solver also runs as a C++ kernel (``compiled=True``), 16 groups per vector
+  and stopping each block's iterations once no group can still improve.
 
 Everything is tensor code without host synchronisation or data-dependent iteration counts; on the
 CPU groups are processed in chunks so that the many elementwise passes stay in cache.
@@ -27,6 +29,7 @@ CPU groups are processed in chunks so that the many elementwise passes stay in c
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -83,9 +86,12 @@ def prox_nm(
     never read on the host, so it can change between calls at no cost). Computation is in
     float32 (float64 stays float64); the result is cast back to the weight's dtype.
 
-    ``compiled=True`` runs the float32 2:4 path through ``torch.compile``, which fuses its many
-    elementwise passes into one (several times faster; the first call compiles for about a
-    minute, so it pays off on large models or many calls). Other cases ignore it.
+    ``compiled=True`` runs float32 on compiled code: 2:4 through ``torch.compile``, which fuses
+    its many elementwise passes into one (several times faster; the first call compiles for about
+    a minute, so it pays off on large models or many calls), and other N:M with M = 4 or 8 on
+    the CPU through a C++ kernel (runtime/kernels/prox_nm_cpu.cpp, the same solver 16 groups per
+    vector; built on first use, and the tensor code with a warning where it cannot be built).
+    Other cases ignore it.
     """
     _check(weight, n, m)
     if not isinstance(lam, Tensor) and lam < 0:
@@ -105,6 +111,12 @@ def prox_nm(
         else:
             out = _prox24_by_chunks(z, lam_t, ctype, _chunk24, chunk)
         return out.reshape(weight.shape).to(weight.dtype)
+    if compiled and on_cpu and ctype == torch.float32 and m in (4, 8):
+        kernel = _general_kernel()
+        if kernel is not None:
+            lam_f = float(lam_t)  # a CPU value: reading it costs no device synchronisation
+            return kernel.prox(z.to(ctype).contiguous(), lam_f, n, m).reshape(
+                weight.shape).to(weight.dtype)
     out = torch.empty(z.shape, dtype=ctype, device=z.device)
     for start in range(0, z.shape[0], chunk):
         zc, oc = z[start:start + chunk].to(ctype), out[start:start + chunk]
@@ -112,6 +124,21 @@ def prox_nm(
         oc.scatter_(1, order, _prox_general(vals, lam_t, n))
         torch.copysign(oc, zc, out=oc)
     return out.reshape(weight.shape).to(weight.dtype)
+
+
+@functools.cache
+def _general_kernel():
+    """The compiled general N:M prox module, or None (with one warning) where it cannot be
+    built: no compiler, no ninja, not x86/ARM with GCC vector extensions."""
+    from .runtime.kernels import KernelUnavailable
+    from .runtime.kernels import prox_nm as build
+
+    try:
+        return build()
+    except KernelUnavailable as err:
+        warnings.warn(f"the compiled N:M prox could not be built ({err}); using the tensor "
+                      "code (same result, much slower)", stacklevel=3)
+        return None
 
 
 def _prox24_by_chunks(z: Tensor, lam: Tensor | float, ctype: torch.dtype, kernel,

@@ -375,3 +375,88 @@ def test_compiled_chunks_do_not_change_the_result() -> None:
     ours = objective(sorted_magnitudes(u, 4), a, lam_t, 2)
     theirs = objective(sorted_magnitudes(eager, 4), a, lam_t, 2)
     assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-12)
+
+
+# ------------------------------------------------------------------ compiled general N:M
+
+
+def _general_kernel_builds() -> bool:
+    from proxsparse.runtime.kernels import KernelUnavailable
+    from proxsparse.runtime.kernels import prox_nm as build
+
+    try:
+        build()
+        return True
+    except KernelUnavailable:
+        return False
+
+
+needs_kernel = pytest.mark.skipif(not can_compile() or not _general_kernel_builds(),
+                                  reason="no C++ toolchain for the compiled N:M prox")
+GENERAL = [(1, 4), (3, 4), (2, 8), (4, 8), (1, 8), (7, 8)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,m", GENERAL)
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 100.0])
+def test_compiled_general_never_worse_than_float64_reference(n: int, m: int,
+                                                             scale: float) -> None:
+    """The C++ N:M kernel is held to the same contract as the tensor solver; more groups than
+    one block of 16, and a count that is not a multiple of it."""
+    w = random_groups(m, 121 if m == 4 else 37, seed=n * 10 + m + 1) * scale
+    a = sorted_magnitudes(w, m)
+    for unit in (0.01, 0.4, 1.2, 5.0):
+        lam = unit / scale ** (n - 1)
+        lam_t = torch.full((len(a),), lam, dtype=torch.float64)
+        _, ref_obj = reference_prox(a, lam_t, n)
+        u = prox_nm(w, lam, n, m, compiled=True)
+        ours = objective(sorted_magnitudes(u, m), a, lam_t, n)
+        assert (ours <= ref_obj + tolerance(a, ref_obj)).all(), (unit, (ours - ref_obj).max())
+        assert torch.equal(u.sign() * (u != 0), w.sign() * (u != 0))
+
+
+@needs_kernel
+def test_compiled_general_runs_2_4_like_the_2_4_path() -> None:
+    from proxsparse.runtime.kernels import prox_nm as build
+
+    w = random_groups(4, 300, seed=9)
+    a = sorted_magnitudes(w, 4)
+    for lam in (0.3, 0.8, 1.2):
+        lam_t = torch.full((len(a),), lam, dtype=torch.float64)
+        fast = objective(sorted_magnitudes(prox_nm(w, lam), 4), a, lam_t, 2)
+        kernel = objective(sorted_magnitudes(build().prox(w, lam, 2, 4), 4), a, lam_t, 2)
+        assert torch.allclose(fast, kernel, rtol=1e-5, atol=1e-12 * float(a.max()) ** 2)
+
+
+@needs_kernel
+@settings(max_examples=150, deadline=None)
+@given(case())
+def test_compiled_general_properties(c) -> None:
+    n, m, w, lam = c
+    u = prox_nm(w, lam, n, m, compiled=True)
+    gw, gu = w.reshape(-1, m), u.reshape(-1, m)
+    assert torch.isfinite(u).all() and u.shape == w.shape
+    assert ((gu == 0) | (torch.sign(gu) == torch.sign(gw))).all()
+    assert (gu.abs() <= gw.abs()).all()
+    order = gw.abs().sort(dim=1, descending=True, stable=True).indices
+    mags = gu.abs().gather(1, order)
+    assert (mags[:, 1:] <= mags[:, :-1]).all()
+    nnz_in, nnz_out = (gw != 0).sum(1), (gu != 0).sum(1)
+    assert ((nnz_out >= torch.clamp(nnz_in, max=n)) & (nnz_out <= nnz_in)).all()
+    if lam == 0:
+        assert torch.equal(u, w)
+    huge = prox_nm(torch.where(gw.abs() < 0.01 * gw.abs().max(), 0.0, gw), 1e6 / (
+        float(gw.abs().max()) or 1.0) ** (n - 1), n, m, compiled=True)
+    assert ((huge != 0).sum(1) <= n).all()
+
+
+@needs_kernel
+def test_compiled_general_is_the_same_on_any_thread_count() -> None:
+    """Blocks are independent: two threads and one give the same bits, and a slice of the
+    tensor gives the slice of the answer."""
+    w = torch.randn(300, 576, generator=torch.Generator().manual_seed(4)) * 0.02
+    lam = 0.03 / 0.02 ** 4
+    one = prox_nm(w, lam, 4, 8, compiled=True)
+    torch.set_num_threads(2)
+    assert torch.equal(prox_nm(w, lam, 4, 8, compiled=True), one)
+    assert torch.equal(prox_nm(w[7:13], lam, 4, 8, compiled=True), one[7:13])
