@@ -90,8 +90,10 @@ class ProxSparseConfig(LearningConfig):
     optimizer_states: str = option("auto", "precision of AdamW's two states: auto (the "
                                            "learning dtype), 8bit (torchao's AdamW8bit: 2 bytes "
                                            "per weight for both; pip install torchao)")
-    compile_prox: bool = option(True, "torch.compile the 2:4 proximal step and the lambda2 "
-                                      "term (only for models of 5M target weights or more)")
+    compile_prox: bool = option(True, "compiled proximal step (2:4: torch.compile; 4:8 and "
+                                      "other M=4/8 patterns on the CPU: a C++ kernel) and "
+                                      "lambda2 term (only for models of 5M target weights or "
+                                      "more)")
     method = "proxsparse"
 
     def __post_init__(self) -> None:
@@ -189,8 +191,9 @@ class StepRegularisers:
     ``params`` (whole or sharded), ``pretrained`` (W0, the rows this process holds),
     ``lambdas`` (λ1 per layer) and ``scales`` (the column scales the regulariser sees the
     weights through, or None) are aligned lists. With
-    ``compiled`` both go through torch.compile (the prox's fused 2:4 kernel; one fused pass for
-    λ2); if compilation fails, a warning is given and the eager code, same result, takes over.
+    ``compiled`` both go through compiled code (the prox's fused 2:4 kernel or the C++ N:M
+    kernel; one fused pass for λ2); if compilation fails, a warning is given and the eager
+    code, same result, takes over.
     """
 
     def __init__(self, cfg: ProxSparseConfig, params: list[torch.Tensor],
