@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paper_prox import paper_prox  # noqa: E402
+from prox_speed import best_time  # noqa: E402
 
 from proxsparse.prox import nm_penalty_groups, prox_nm  # noqa: E402
 
@@ -39,15 +40,6 @@ PATTERNS = [(4, 8), (2, 8)]
 UNITS = (0.03, 0.3, 3.0)
 SCALE = 0.02
 SLOW_ROWS = 16  # rows the tensor and paper solvers run on
-
-
-def best_time(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def group_objective(u: torch.Tensor, w: torch.Tensor, lam: float, n: int, m: int) -> torch.Tensor:
