@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,16 @@ def tolerance(a: torch.Tensor, ref_obj: torch.Tensor) -> torch.Tensor:
     return 1e-6 * ref_obj + 1e-12 * 0.5 * (a ** 2).sum(-1)
 
 
+def assert_meets_reference(w: torch.Tensor, u: torch.Tensor, lam: float, n: int, m: int,
+                           context: object = None) -> None:
+    """Every group of the prox ``u`` of ``w`` is never worse than the float64 reference."""
+    a = sorted_magnitudes(w, m)
+    lam_t = torch.full((len(a),), lam, dtype=torch.float64)
+    _, ref_obj = reference_prox(a, lam_t, n)
+    ours = objective(sorted_magnitudes(u, m), a, lam_t, n)
+    assert (ours <= ref_obj + tolerance(a, ref_obj)).all(), (context, (ours - ref_obj).max())
+
+
 def random_groups(m: int, g: int, seed: int) -> torch.Tensor:
     """[g, m] float32 groups at scales 1e-4..1e2 with ties, zeros, negative values and groups
     dominated by one entry; ``lam * scale^(n-1)`` then sets the regime."""
@@ -131,6 +142,18 @@ def random_groups(m: int, g: int, seed: int) -> torch.Tensor:
     return w * torch.where(torch.rand(g, m, generator=gen) < 0.5, -1.0, 1.0)
 
 
+def _general_kernel_builds() -> bool:
+    from proxsparse.prox import _general_kernel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the skip reason says it
+        return _general_kernel() is not None
+
+
+needs_kernel = pytest.mark.skipif(not can_compile() or not _general_kernel_builds(),
+                                  reason="no C++ toolchain for the compiled N:M prox")
+
+
 # ------------------------------------------------------------------ accuracy
 
 
@@ -138,13 +161,9 @@ def random_groups(m: int, g: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("scale", [1e-4, 1.0, 100.0])
 def test_never_worse_than_float64_reference(n: int, m: int, scale: float) -> None:
     w = random_groups(m, 120 if m == 4 else 18, seed=n * 10 + m) * scale
-    a = sorted_magnitudes(w, m)
     for unit in (0.05, 0.4, 0.8, 1.2, 5.0):  # lam * scale^(n-1): every regime
         lam = unit / scale ** (n - 1)
-        lam_t = torch.full((len(a),), lam, dtype=torch.float64)
-        _, ref_obj = reference_prox(a, lam_t, n)
-        ours = objective(sorted_magnitudes(prox_nm(w, lam, n, m), m), a, lam_t, n)
-        assert (ours <= ref_obj + tolerance(a, ref_obj)).all(), (unit, (ours - ref_obj).max())
+        assert_meets_reference(w, prox_nm(w, lam, n, m), lam, n, m, unit)
 
 
 @pytest.mark.parametrize("scale", [1e-4, 0.02, 100.0])
@@ -190,17 +209,30 @@ def test_2_4_hard_cases() -> None:
         assert (ours <= ref_obj + tolerance(a, ref_obj)).all(), (lam, ours - ref_obj)
 
 
-def test_general_path_agrees_with_the_2_4_path() -> None:
-    """The general N:M solver, run on 2:4 groups, finds the same objectives."""
+def _tensor_general(w: torch.Tensor, lam: float) -> torch.Tensor:
     from proxsparse.prox import _prox_general
 
-    w = random_groups(4, 300, seed=5)
+    return _prox_general(sorted_magnitudes(w, 4).float(), lam, 2)
+
+
+def _kernel_general(w: torch.Tensor, lam: float) -> torch.Tensor:
+    from proxsparse.runtime.kernels import prox_nm as build
+
+    return build().prox(w, lam, 2, 4)
+
+
+@pytest.mark.parametrize("general,seed", [(_tensor_general, 5),
+                                          pytest.param(_kernel_general, 9, marks=needs_kernel)])
+def test_general_path_agrees_with_the_2_4_path(general, seed: int) -> None:
+    """The general N:M solver (tensor code or the C++ kernel), run on 2:4 groups, finds the
+    same objectives."""
+    w = random_groups(4, 300, seed=seed)
     a = sorted_magnitudes(w, 4)
     for lam in (0.3, 0.8, 1.2):
         lam_t = torch.full((len(a),), lam, dtype=torch.float64)
         fast = objective(sorted_magnitudes(prox_nm(w, lam), 4), a, lam_t, 2)
-        general = objective(_prox_general(a.float(), lam, 2).double(), a, lam_t, 2)
-        assert torch.allclose(fast, general, rtol=1e-5, atol=1e-12 * float(a.max()) ** 2)
+        other = objective(sorted_magnitudes(general(w, lam).double(), 4), a, lam_t, 2)
+        assert torch.allclose(fast, other, rtol=1e-5, atol=1e-12 * float(a.max()) ** 2)
 
 
 # ------------------------------------------------------------------ properties
@@ -383,19 +415,6 @@ def test_compiled_chunks_do_not_change_the_result() -> None:
 # ------------------------------------------------------------------ compiled general N:M
 
 
-def _general_kernel_builds() -> bool:
-    from proxsparse.runtime.kernels import KernelUnavailable
-    from proxsparse.runtime.kernels import prox_nm as build
-
-    try:
-        build()
-        return True
-    except KernelUnavailable:
-        return False
-
-
-needs_kernel = pytest.mark.skipif(not can_compile() or not _general_kernel_builds(),
-                                  reason="no C++ toolchain for the compiled N:M prox")
 GENERAL = [(1, 4), (3, 4), (2, 8), (4, 8), (1, 8), (7, 8)]
 
 
@@ -407,28 +426,11 @@ def test_compiled_general_never_worse_than_float64_reference(n: int, m: int,
     """The C++ N:M kernel is held to the same contract as the tensor solver; more groups than
     one block of 16, and a count that is not a multiple of it."""
     w = random_groups(m, 121 if m == 4 else 37, seed=n * 10 + m + 1) * scale
-    a = sorted_magnitudes(w, m)
     for unit in (0.01, 0.4, 1.2, 5.0):
         lam = unit / scale ** (n - 1)
-        lam_t = torch.full((len(a),), lam, dtype=torch.float64)
-        _, ref_obj = reference_prox(a, lam_t, n)
         u = prox_nm(w, lam, n, m, compiled=True)
-        ours = objective(sorted_magnitudes(u, m), a, lam_t, n)
-        assert (ours <= ref_obj + tolerance(a, ref_obj)).all(), (unit, (ours - ref_obj).max())
+        assert_meets_reference(w, u, lam, n, m, unit)
         assert torch.equal(u.sign() * (u != 0), w.sign() * (u != 0))
-
-
-@needs_kernel
-def test_compiled_general_runs_2_4_like_the_2_4_path() -> None:
-    from proxsparse.runtime.kernels import prox_nm as build
-
-    w = random_groups(4, 300, seed=9)
-    a = sorted_magnitudes(w, 4)
-    for lam in (0.3, 0.8, 1.2):
-        lam_t = torch.full((len(a),), lam, dtype=torch.float64)
-        fast = objective(sorted_magnitudes(prox_nm(w, lam), 4), a, lam_t, 2)
-        kernel = objective(sorted_magnitudes(build().prox(w, lam, 2, 4), 4), a, lam_t, 2)
-        assert torch.allclose(fast, kernel, rtol=1e-5, atol=1e-12 * float(a.max()) ** 2)
 
 
 @needs_kernel
@@ -469,11 +471,7 @@ def test_compiled_general_top_n_certificate_is_exact(n: int, m: int) -> None:
         wt.scatter_(1, tail, w.gather(1, tail) * shrink)
         for scale in (1e-3, 1.0):
             ws = wt * scale
-            a = sorted_magnitudes(ws, m)
             for unit in (0.05, 0.3, 1.0, 3.0):
                 lam = unit / scale ** (n - 1)
-                lam_t = torch.full((len(a),), lam, dtype=torch.float64)
-                _, ref_obj = reference_prox(a, lam_t, n)
-                u = prox_nm(ws, lam, n, m, compiled=True)
-                ours = objective(sorted_magnitudes(u, m), a, lam_t, n)
-                assert (ours <= ref_obj + tolerance(a, ref_obj)).all(), (shrink, scale, unit)
+                assert_meets_reference(ws, prox_nm(ws, lam, n, m, compiled=True), lam, n, m,
+                                       (shrink, scale, unit))
