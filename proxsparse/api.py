@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .errors import ProxSparseError
+from .finetune import FinetuneSettings, finetune
 from .gated_mlp import activation_metadata
 from .learning.distributed import launched_by_torchrun
 from .methods import PruneConfig, pruner_for
@@ -45,7 +46,8 @@ def prune(
     calib: torch.Tensor | None = None,
     progress: bool = True,
 ) -> PruneResult:
-    """Make every target layer of ``model`` N:M sparse, in place.
+    """Make every target layer of ``model`` N:M sparse, in place (then, with
+    ``config.finetune_steps``, let the kept weights learn under the masks).
 
     ``calib`` holds calibration token windows ``[windows, seqlen]`` for the methods that need
     them (see ``proxsparse.data.calibration_windows``). Returns the masks and statistics.
@@ -58,6 +60,16 @@ def prune(
                               "(proxsparse learns across processes)")
     if pruner.needs_calibration and calib is None:
         raise ProxSparseError(f"method {config.method!r} needs calibration windows (calib=...)")
+    if config.finetune_steps:
+        if not pruner.makes_masks:
+            raise ProxSparseError(f"{config.method} makes no N:M masks, so there is nothing to "
+                                  "fine-tune under them: drop --finetune-steps")
+        if calib is None:
+            raise ProxSparseError("--finetune-steps learns on calibration windows: pass "
+                                  "calib=... (the CLI reads --calib)")
+        if launched_by_torchrun():
+            raise ProxSparseError("--finetune-steps runs in one process: run it without "
+                                  "torchrun")
 
     torch.manual_seed(config.seed)
     start = time.perf_counter()
@@ -74,6 +86,10 @@ def prune(
         for target in targets:
             weight = target.module.weight
             weight.mul_(masks[target.name].to(weight.device, weight.dtype))
+    if config.finetune_steps:
+        finetune(model, targets, masks, calib,
+                 FinetuneSettings(config.finetune_steps, config.finetune_lr, seed=config.seed),
+                 progress)
     seconds = time.perf_counter() - start
 
     for target in targets:

@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--permute", action="store_true", help=_shared_help("permute"))
     p.add_argument("--permute-rounds", type=int, default=25,
                    help=_shared_help("permute_rounds", " (default 25)"))
+    p.add_argument("--finetune-steps", type=int, default=0,
+                   help=_shared_help("finetune_steps", " (default 0)"))
+    p.add_argument("--finetune-lr", type=float, default=1e-4,
+                   help=_shared_help("finetune_lr", " (default 1e-4)"))
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier proxsparse output at --out (only a directory with "
@@ -314,13 +318,14 @@ def cmd_prune(args) -> int:
                "seqlen": args.seqlen}  # with N:M and the settings: what --resume must match
     config = config_for(args.method, nm=args.nm, include=args.include, ignore=args.ignore,
                         seed=args.seed, permute=args.permute,
-                        permute_rounds=args.permute_rounds, context=context,
+                        permute_rounds=args.permute_rounds, finetune_steps=args.finetune_steps,
+                        finetune_lr=args.finetune_lr, context=context,
                         **method_settings)
     check_options(args, calib_windows=COUNT, seqlen=WINDOW)
     export.check_output_dir(args.out, args.overwrite, local_source(args.model),
                             Path(config.run_dir) if learning else None)
     check_device(args.device)
-    needs_calibration = PRUNERS[args.method].needs_calibration
+    needs_calibration = PRUNERS[args.method].needs_calibration or config.finetune_steps > 0
     text = data.load_text(args.calib) if needs_calibration else None  # fail before the load
 
     model, tokenizer = _load(args)

@@ -26,9 +26,14 @@ def run(capsys, *argv):
     return code, out, err
 
 
-def test_prune_eval_verify(tmp_path, capsys, model_dir):
+def calibration_file(tmp_path) -> Path:
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    return text
+
+
+def test_prune_eval_verify(tmp_path, capsys, model_dir):
+    text = calibration_file(tmp_path)
     out = tmp_path / "pruned"
     code, stdout, _ = run(capsys, "prune", "--model", model_dir, "--method", "sparsegpt",
                           "--calib", text, "--calib-windows", 4, "--seqlen", 32,
@@ -56,6 +61,20 @@ def test_prune_eval_verify(tmp_path, capsys, model_dir):
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
     code, stdout, err = run(capsys, "verify", out)
     assert code == 1 and "model.layers.1.mlp.up_proj" in err and "13/14" in stdout
+
+
+def test_finetuned_magnitude_reads_calibration_and_stays_exact(tmp_path, capsys, model_dir):
+    out = tmp_path / "tuned"
+    code, stdout, _ = run(capsys, "prune", "--model", model_dir, "--method", "magnitude",
+                          "--calib", calibration_file(tmp_path), "--calib-windows", 4,
+                          "--seqlen", 32,
+                          "--finetune-steps", 2, "--finetune-lr", 1e-3, "--out", out, "--quiet")
+    assert code == 0, stdout
+    meta = json.loads((out / "proxsparse.json").read_text())
+    assert meta["hyperparameters"] == {"finetune_steps": 2, "finetune_lr": 1e-3}
+    assert meta["calibration"]["windows"] == 4
+    code, stdout, _ = run(capsys, "verify", out)
+    assert code == 0 and "14/14 layers valid 2:4" in stdout
 
 
 def test_skipped_layers_are_listed_in_the_metadata(tmp_path, capsys, odd_model_dir):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from proxsparse import NM, MaskProConfig, prune
+from proxsparse import NM, MaskProConfig, WandaConfig, prune
 from proxsparse.cli import main
 from proxsparse.errors import ProxSparseError
 from proxsparse.export import save_masks
@@ -414,3 +414,23 @@ def test_balanced_gram_weighs_every_token_alike():
     torch.testing.assert_close(balanced, expected, rtol=1e-4, atol=1e-6)
     assert plain.trace() > 100 * balanced.trace()
     assert MaskProConfig(reward="layer", balanced=True).balanced
+
+
+def test_shrinkage_moves_the_gram_matrix_to_its_diagonal():
+    x = torch.randn(2, 8, 16)
+    full, diagonal = method.gram(x), method.gram(x, shrinkage=1.0)
+    torch.testing.assert_close(diagonal, torch.diag(full.diagonal()))
+    torch.testing.assert_close(method.gram(x, shrinkage=0.25),
+                               0.75 * full + 0.25 * torch.diag(full.diagonal()))
+    with pytest.raises(ProxSparseError, match="shrinkage"):
+        MaskProConfig(reward="layer", shrinkage=1.5)
+
+
+def test_full_shrinkage_from_the_wanda_prior_keeps_wanda_s_mask(tokenizer, calib):
+    # with only each input's own energy, the best N:M mask of every row is Wanda's
+    wanda = prune(make_model(len(tokenizer)), WandaConfig(), calib, progress=False).masks
+    with pytest.warns(UserWarning, match="ended on its prior"):
+        result = prune(make_model(len(tokenizer)),
+                       MaskProConfig(prior="wanda", reward="layer", steps=4, shrinkage=1.0),
+                       calib, progress=False)
+    assert all(torch.equal(result.masks[k], wanda[k]) for k in wanda)

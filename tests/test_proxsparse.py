@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from proxsparse import NM, ProxSparseConfig, prune
+from proxsparse.learning.optimizers import lr_factor
 from proxsparse.methods import proxsparse as method
 from proxsparse.nm import is_valid_nm, mask_is_exact
 from proxsparse.runlog import LOG_FILE, PLOT_FILE
@@ -27,7 +28,7 @@ def test_lambda2_gradient_matches_autograd():
 
 
 def test_schedule_warms_up_then_decays_to_zero():
-    factors = [method.lr_factor(s, 20, 0.1) for s in range(20)]
+    factors = [lr_factor(s, 20, 0.1) for s in range(20)]
     assert factors[:2] == [0.5, 1.0]
     assert all(a >= b for a, b in zip(factors[1:], factors[2:], strict=False))
     assert factors[-1] == pytest.approx(1 / 18)

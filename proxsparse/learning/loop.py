@@ -72,6 +72,23 @@ def rank_batches(windows: torch.Tensor, world: World, micro_batch_size: int) -> 
     return list(mine.split(micro_batch_size or share))
 
 
+def lm_loss_backward(model: nn.Module, calib: torch.Tensor, batches: list[torch.Tensor],
+                     device: torch.device) -> torch.Tensor:
+    """Backpropagate the language-model loss of a step's windows (``batches``: indices into
+    ``calib``, one tensor per micro-batch), each micro-batch weighted by its share of the
+    windows, so the gradients sum to those of the mean; returns that mean loss (detached)."""
+    share = sum(len(b) for b in batches)
+    loss = torch.zeros((), device=device)
+    for windows in batches:
+        batch = calib[windows].to(device)
+        part = model(batch, labels=batch, use_cache=False).loss
+        if len(batches) > 1:
+            part = part * (len(windows) / share)
+        part.backward()
+        loss += part.detach()
+    return loss
+
+
 def check_batching(batch_size: int, windows: int, world: World, micro_batch_size: int) -> None:
     """Refuse a batch the calibration set or the processes cannot share out evenly."""
     if batch_size > windows:

@@ -6,6 +6,8 @@ instead of 4 in bfloat16 or 8 in float32), an optional dependency: ``pip install
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import ProxSparseError
@@ -96,3 +98,11 @@ def load_training_state(state: dict, params: list[torch.nn.Parameter],
             local(param).copy_(row_shard(value, world))
     load_optimizer_state(optimizer, state["optimizer"])
     schedule.load_state_dict(state["schedule"])
+
+
+def lr_factor(step: int, total: int, warmup: float) -> float:
+    """Linear warm-up over the first ``warmup`` share of the steps, then linear decay to 0."""
+    warm = max(1, math.ceil(warmup * total))
+    if step < warm:
+        return (step + 1) / warm
+    return max(0.0, (total - step) / max(1, total - warm))

@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..errors import COUNT, SEED, STEPS, check_options
+from ..errors import COUNT, POSITIVE, SEED, STEPS, check_options
 from ..models import Target, check_device
 from ..nm import NM
 from ..runlog import RunDir, check_run_dir, fingerprint
@@ -62,6 +62,12 @@ class PruneConfig:
                                   "exact and free at inference, the export stays a plain "
                                   "checkpoint (DESIGN.md §10)")
     permute_rounds: int = option(25, "rounds of --permute's pair-exchange search per layer")
+    finetune_steps: int = option(0, "after the masks are chosen, let the kept weights of the "
+                                    "pruned layers learn for this many steps (AdamW on the "
+                                    "calibration windows, one per step; the masks stay as "
+                                    "chosen); 0: off, the weights stay as the method left them")
+    finetune_lr: float = option(1e-4, "peak learning rate of --finetune-steps (linear warm-up "
+                                      "over the first tenth of the steps, then linear decay)")
     hyperparameters: dict = field(default_factory=dict, repr=False, compare=False)
     # What the caller knows of the inputs (model id, calibration source, windows, seqlen): part
     # of a learning run's identity, so that --resume refuses a run on other inputs.
@@ -73,13 +79,14 @@ class PruneConfig:
         """Every option is checked here, when the config is built (the one place)."""
         self.nm = NM.parse(self.nm)
         self.include, self.ignore = tuple(self.include), tuple(self.ignore)
-        check_options(self, seed=SEED, permute_rounds=COUNT)
+        check_options(self, seed=SEED, permute_rounds=COUNT, finetune_steps=STEPS,
+                      finetune_lr=POSITIVE)
 
     def settings(self) -> dict:
         """The method's own knobs, for the export metadata."""
         shared = {f for f in PruneConfig.__dataclass_fields__}
         return {**{k: v for k, v in vars(self).items() if k not in shared},
-                **self.permutation()}
+                **self.permutation(), **self.finetuning()}
 
     def identity(self) -> dict:
         """Every setting that shapes the result: what a resumed run must share with the run it
@@ -92,6 +99,12 @@ class PruneConfig:
     def permutation(self) -> dict:
         """The --permute settings, where they are on (a run without them keeps its identity)."""
         return {"permute": True, "permute_rounds": self.permute_rounds} if self.permute else {}
+
+    def finetuning(self) -> dict:
+        """The --finetune-steps settings, where it is on."""
+        if not self.finetune_steps:
+            return {}
+        return {"finetune_steps": self.finetune_steps, "finetune_lr": self.finetune_lr}
 
 
 @dataclass

@@ -22,6 +22,8 @@ the inputs the layers learned before it give, and each group from its own share 
 error: the error of the sampled mask less the error of the same mask with that group put back
 to the prior (a baseline that depends only on the other groups' draws, so the estimate stays
 unbiased). Several samples per step add a leave-one-out baseline. See ``learn_layer``.
+``shrinkage`` s measures that error on (1 − s)·XᵀX + s·diag(XᵀX): at 1 only each input's
+own energy counts, and the best N:M mask is then Wanda's.
 
 Layout: per layer, the logits and everything derived from them are ``[M, groups]``, position
 first. Every per-position operation is then one contiguous pass over all groups of the layer,
@@ -43,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..blockwise import prune_blockwise
-from ..errors import COUNT, NON_NEGATIVE, POSITIVE, STEPS, ProxSparseError, check_options
+from ..errors import COUNT, NON_NEGATIVE, POSITIVE, SHARE, STEPS, ProxSparseError, check_options
 from ..export import load_masks
 from ..learning import (
     LearningMethod,
@@ -104,6 +106,12 @@ class MaskProConfig(LearningConfig):
                                    "the same norm in each layer's error, so that no token (an "
                                    "attention-sink position with massive activations) outweighs "
                                    "the others")
+    shrinkage: float = option(0.0, "--reward layer: judge masks by the output error on the "
+                                   "inputs' Gram matrix shrunk towards its diagonal, "
+                                   "(1 - s)·XᵀX + s·diag(XᵀX): 0 the full error, 1 only each "
+                                   "input's own energy, whose best N:M mask is Wanda's "
+                                   "(correlations fitted on one calibration text may not "
+                                   "carry over to other text)")
     batch_size: int = option(1, "calibration windows per step (--reward loss; with --reward "
                                 "layer every window counts in every step)")
     checkpoint_every: int = 100
@@ -116,7 +124,7 @@ class MaskProConfig(LearningConfig):
             if getattr(self, name) is None:
                 setattr(self, name, value)
         check_options(self, logit_scale=POSITIVE, lr=NON_NEGATIVE, steps=STEPS,
-                      batch_size=COUNT, samples=COUNT)
+                      batch_size=COUNT, samples=COUNT, shrinkage=SHARE)
         if self.reward == "layer" and self.resume:
             raise ProxSparseError("--resume does not apply to --reward layer: it learns in one "
                                   "block-by-block pass and keeps no checkpoint; run it afresh")
@@ -225,17 +233,21 @@ def window_losses(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 # --- the layer reward: each layer learns from its own output error, block by block ---
 
 
-def gram(inputs: torch.Tensor, balanced: bool = False) -> torch.Tensor:
+def gram(inputs: torch.Tensor, balanced: bool = False, shrinkage: float = 0.0) -> torch.Tensor:
     """XᵀX / tokens of a layer's input ``[..., in]``, float32: the output error of a weight
     change Δ (one row) is Δ·XᵀX·Δ. ``balanced``: every token's input scaled to the median
     token norm first, so that no token (an attention-sink position whose activations are
     hundreds of times larger) outweighs the others: each token's error counts relative to its
-    own size."""
+    own size. ``shrinkage`` s: (1 − s)·XᵀX + s·diag(XᵀX)."""
     flat = inputs.reshape(-1, inputs.shape[-1]).float()
     if balanced:
         norms = flat.norm(dim=1, keepdim=True)
         flat = flat * (norms.median() / norms.clamp_min(TINY))
-    return flat.T @ flat / flat.shape[0]
+    h = flat.T @ flat / flat.shape[0]
+    if shrinkage:
+        diagonal = h.diagonal().clone()
+        h.mul_(1 - shrinkage).diagonal().copy_(diagonal)
+    return h
 
 
 def row_errors(dropped: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -402,7 +414,7 @@ class MaskPro(Pruner):
                 generator = torch.Generator(weight.device).manual_seed(cfg.seed)
             # q/k/v (and gate/up) receive the same tensor: one Gram matrix for them
             if cache["input"] is not inputs:
-                cache["input"], cache["gram"] = inputs, gram(inputs, cfg.balanced)
+                cache["input"], cache["gram"] = inputs, gram(inputs, cfg.balanced, cfg.shrinkage)
             # a small layer's steps are many tiny operations: on the CPU, worker threads only
             # add synchronisation (many times slower when other processes share the cores)
             small = weight.numel() * cfg.samples < SMALL_LAYER

@@ -31,9 +31,8 @@ from ..learning import (
 from ..learning.distributed import (
     clip_grad_norm_,
 )
-from ..learning.optimizers import adamw, load_training_state, training_state
+from ..learning.optimizers import adamw, load_training_state, lr_factor, training_state
 from .base import LearningConfig, Pruner, option
-from .proxsparse import lr_factor
 
 
 def parse_stages(text: str) -> list[tuple[float, float]]:

@@ -33,13 +33,20 @@ from ..learning import (
     current_world,
     launched_by_torchrun,
     learn,
+    lm_loss_backward,
 )
 from ..learning.distributed import (
     clip_grad_norm_,
     full,
     local,
 )
-from ..learning.optimizers import STATES, adamw, load_training_state, training_state
+from ..learning.optimizers import (
+    STATES,
+    adamw,
+    load_training_state,
+    lr_factor,
+    training_state,
+)
 from ..models import check_device
 from ..nm import NM, groups, topn_mask
 from ..prox import prox_nm
@@ -143,14 +150,6 @@ def add_lambda2_grad(
 def _compiled_add_lambda2_grad():
     # dynamic: one compilation for all layer shapes (an elementwise pass compiles quickly)
     return torch.compile(add_lambda2_grad, dynamic=True)
-
-
-def lr_factor(step: int, total: int, warmup: float) -> float:
-    """Linear warm-up over the first ``warmup`` share of the steps, then linear decay to 0."""
-    warm = max(1, math.ceil(warmup * total))
-    if step < warm:
-        return (step + 1) / warm
-    return max(0.0, (total - step) / max(1, total - warm))
 
 
 def layer_lambdas(
@@ -306,15 +305,7 @@ class ProxSparseLearning(LearningMethod):
 
     def step(self, step, batches):
         cfg, world = self.cfg, self.placement.world
-        share = sum(len(b) for b in batches)
-        loss = torch.zeros((), device=self.device)
-        for windows in batches:
-            batch = self.calib[windows].to(self.device)
-            part = self.placement.model(batch, labels=batch, use_cache=False).loss
-            if len(batches) > 1:  # the mean over the share: each part weighs its windows
-                part = part * (len(windows) / share)
-            part.backward()
-            loss += part.detach()
+        loss = lm_loss_backward(self.placement.model, self.calib, batches, self.device)
         reg = self.regularisers.add_lambda2_grad()
         clip_grad_norm_(self.trainable, cfg.max_grad_norm, world)
         self.optimizer.step()
