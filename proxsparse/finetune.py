@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ProxSparseError
 from .learning import LearningMethod, Placement, current_world, learn, lm_loss_backward
 from .learning.distributed import clip_grad_norm_
 from .learning.optimizers import adamw, lr_factor
@@ -91,10 +90,9 @@ def finetune(
     calib: torch.Tensor, settings: FinetuneSettings, progress: bool = True,
 ) -> None:
     """Let the kept weights of ``targets`` (already multiplied by ``masks``) learn for
-    ``settings.steps`` steps on the calibration windows ``calib``, in place."""
+    ``settings.steps`` steps on the calibration windows ``calib``, in place. One process only:
+    ``prune`` refuses it under torchrun before any work."""
     world = current_world()
-    if world.sharded:
-        raise ProxSparseError("--finetune-steps runs in one process: run it without torchrun")
     with Placement(model, targets, world) as placement:
         learn(MaskedFinetune(settings, placement, calib, masks), placement.model, RunDir(None),
               settings, steps=settings.steps, windows=calib.shape[0], world=world,
