@@ -42,6 +42,16 @@ SCALE = 0.02
 SLOW_ROWS = 16  # rows the tensor and paper solvers run on
 
 
+def vector_isa() -> str:
+    """The widest x86 vector extension of this CPU (the kernel is built for it)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return "unknown"
+    return next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"),
+                                         ("sse4_2", "SSE4.2")) if flag in flags), "other")
+
+
 def group_objective(u: torch.Tensor, w: torch.Tensor, lam: float, n: int, m: int) -> torch.Tensor:
     u, w = u.double(), w.double()
     return (0.5 * ((u - w) ** 2).reshape(-1, m).sum(1)
@@ -118,7 +128,8 @@ The gap vs tensor compares with the tensor solver run in float64.
 
 - command: `python bench/prox_speed_nm.py --threads {args.threads}`
 - date: {now}
-- torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs
+- torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, \
+widest vectors: {vector_isa()}
 - load average before / after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f}
 """
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -19,8 +19,9 @@ face without a valid minimum simply loses the comparison.
 * other N:M (``_prox_general``, slower): on each face, damped Newton steps (Hessian shifted to be
   positive definite, best of a few step lengths, never increasing the objective) from two starts:
   the best point on the ray t * a and the lower face's candidate with a small new entry. For
-  M = 4 and 8 the same solver also runs as a C++ kernel (``compiled=True``), 16 groups per vector
-  and stopping each block's iterations once no group can still improve.
+  M = 4 and 8 the same solver also runs as a C++ kernel (``compiled=True``), one group per vector
+  lane, skipping the faces that bounds prove hold no minimum and stopping each group's
+  iterations once it can no longer improve.
 
 Everything is tensor code without host synchronisation or data-dependent iteration counts; on the
 CPU groups are processed in chunks so that the many elementwise passes stay in cache.
@@ -89,8 +90,9 @@ def prox_nm(
     ``compiled=True`` runs float32 on compiled code: 2:4 through ``torch.compile``, which fuses
     its many elementwise passes into one (several times faster; the first call compiles for about
     a minute, so it pays off on large models or many calls), and other N:M with M = 4 or 8 on
-    the CPU through a C++ kernel (runtime/kernels/prox_nm_cpu.cpp, the same solver 16 groups per
-    vector; built on first use, and the tensor code with a warning where it cannot be built).
+    the CPU through a C++ kernel (runtime/kernels/prox_nm_cpu.cpp, the same solver one group per
+    vector lane; built on first use, and the tensor code with a warning where it cannot be
+    built).
     Other cases ignore it.
     """
     _check(weight, n, m)
@@ -455,7 +457,11 @@ def _prox_general(a: Tensor, lam: Tensor | float, n: int) -> Tensor:
         top_n = top_n & ~better
         prev = u_k
     # the top-n candidate and lam = 0 (the identity) are returned exactly; otherwise enforce
-    # u <= a and the order of a, which the exact solution has, against rounding
+    # u <= a and the order of a, which the exact solution has, against rounding. Sorting u
+    # never raises the objective (R is symmetric, and sorted u against sorted a maximises
+    # u . a), where a running minimum could: tied entries of a may end unordered, as
+    # minimisers do on a flat valley (1:8 with ell = 1 and equal entries). Clipping an entry
+    # that exceeds a_j down to it lowers both terms.
     keep = torch.cat([a[:, :n], torch.zeros_like(a[:, n:])], 1)
-    out = torch.minimum(best * a1, a).cummin(1).values
+    out = torch.minimum(best.sort(1, descending=True).values * a1, a)
     return torch.where((ell == 0)[:, None], a, torch.where(top_n[:, None], keep, out))

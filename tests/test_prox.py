@@ -445,16 +445,34 @@ def test_compiled_general_properties(c) -> None:
     assert ((huge != 0).sum(1) <= n).all()
 
 
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=needs_kernel)])
+@pytest.mark.parametrize("n,m", [(1, 4), (1, 8)])
+def test_flat_valley_of_tied_entries(compiled: bool, n: int, m: int) -> None:
+    """1:M with all entries equal and ell = lam * a1^(n-1) = 1: every point with sum(u) = a1 on
+    any face is a minimiser, so a solver ends anywhere on that valley, its entries unordered;
+    putting them in the order of a must not cost objective."""
+    for scale in (0.02, 1.0, 7.0):
+        w = torch.full((5, m), scale)
+        u = prox_nm(w, 1.0, n, m, compiled=compiled)
+        assert_meets_reference(w, u, 1.0, n, m, scale)
+        check_properties(w, u, n, m, 1.0)
+
+
 @needs_kernel
 def test_compiled_general_is_the_same_on_any_thread_count() -> None:
-    """Blocks are independent: two threads and one give the same bits, and a slice of the
-    tensor gives the slice of the answer."""
+    """Groups are independent: two threads and one give the same bits, and a slice of the
+    tensor gives the slice of the answer, as does a shuffle of its groups."""
     w = torch.randn(300, 576, generator=torch.Generator().manual_seed(4)) * 0.02
     lam = 0.03 / 0.02 ** 4
     one = prox_nm(w, lam, 4, 8, compiled=True)
     torch.set_num_threads(2)
     assert torch.equal(prox_nm(w, lam, 4, 8, compiled=True), one)
     assert torch.equal(prox_nm(w[7:13], lam, 4, 8, compiled=True), one[7:13])
+    # the kernel orders groups by the faces they need, so shuffled groups share blocks with
+    # other groups: each group's answer must not change
+    order = torch.randperm(w.numel() // 8, generator=torch.Generator().manual_seed(5))
+    shuffled = prox_nm(w.reshape(-1, 8)[order], lam, 4, 8, compiled=True)
+    assert torch.equal(shuffled, one.reshape(-1, 8)[order])
 
 
 @needs_kernel

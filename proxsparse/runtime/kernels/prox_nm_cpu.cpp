@@ -8,11 +8,15 @@
 //
 // Groups are processed 16 at a time, one group per vector lane (GCC vector extensions: the
 // same source compiles to AVX-512, AVX2 or SSE registers; the build uses -march=native, as it
-// runs on the machine that uses it), so every step is branch-free across lanes. Two things
+// runs on the machine that uses it), so every step is branch-free across lanes. Three things
 // the tensor version does not do make it faster without changing its answer beyond rounding:
-// a block skips every face where a certificate proves the top-N point optimal in all its lanes
-// (top_n_optimal), and it stops its Newton iterations once no lane can still lower its
-// objective beyond float rounding (the Newton decrement) or no lane accepted a step.
+// a face is skipped in every group where bounds prove it holds no local minimum
+// (face_may_hold_a_minimum, or the top-N certificate top_n_optimal), the groups of a chunk are
+// ordered so that groups needing the same faces share blocks (then a block skips a face that
+// none of its lanes needs), and each lane stops its Newton iterations once it can no longer
+// lower its objective beyond float rounding (the Newton decrement) or accepted no step; a
+// block stops when all its lanes have. A lane's answer depends on its own group only, never on
+// the groups that share its block.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -23,9 +27,15 @@
 
 namespace {
 
+// one register of lanes: a vector wider than the machine's registers is split by the compiler
+// into several, and then its lane-wise loops (square roots, any/all) stop vectorising
+#if defined(__AVX512F__)
 constexpr int kLanes = 16;
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
+#else
+constexpr int kLanes = 8;
+#endif
+typedef float vf __attribute__((vector_size(4 * kLanes)));
+typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
 
 #define INLINE inline __attribute__((always_inline))
 
@@ -47,6 +57,11 @@ INLINE vf vsqrt(vf x) {
 INLINE bool any(vi mask) {
   int32_t acc = 0;
   for (int l = 0; l < kLanes; ++l) acc |= mask[l];
+  return acc != 0;
+}
+INLINE bool all(vi mask) {
+  int32_t acc = -1;
+  for (int l = 0; l < kLanes; ++l) acc &= mask[l];
   return acc != 0;
 }
 INLINE vi finite(vf x) { return (x - x) == 0; }  // inf - inf and NaN - NaN are NaN
@@ -109,11 +124,14 @@ INLINE void solve_descent(vf (&h)[K][K], const vf* g, vf* x) {
   }
 }
 
-// Guarded Newton iterations on the top-K face from u (entries kept positive); returns the
-// objective of the final u.
+// Guarded Newton iterations on the top-K face from u (entries kept positive) in the active
+// lanes; returns the objective of the final u. A lane stops on its own (its Newton decrement
+// below float resolution, or no step length accepted), so its path never depends on the other
+// lanes of its block.
 template <int N, int K>
-INLINE vf damped_newton(vf* u, const vf* b, vf tail, vf ell) {
+INLINE vf damped_newton(vf* u, const vf* b, vf tail, vf ell, vi active) {
   vf obj = face_objective<N, K>(u, b, tail, ell);
+  vi live = active;
   for (int it = 0; it < kNewtonIters; ++it) {
     // e_r(u without u_i), r = 0..N, from prefix and suffix polynomials (no cancellation)
     vf pre[K + 1][N + 1], suf[K + 1][N + 1];
@@ -147,15 +165,16 @@ INLINE vf damped_newton(vf* u, const vf* b, vf tail, vf ell) {
     vf step[K];
     solve_descent<K>(h, grad, step);
     // the Newton decrement grad . step is twice the decrease a full step predicts: once it is
-    // below float resolution of the objective in every lane, no step can still help
+    // below float resolution of the objective, no step can still help
     vf decrement = splat(0.0f);
     for (int j = 0; j < K; ++j) decrement += grad[j] * step[j];
-    if (!any(decrement > kDecrementTol * obj)) break;
+    live &= decrement > kDecrementTol * obj;
+    if (!any(live)) break;
     // as in the tensor solver, each step length is tried from the point the previous one left
     vi moved = vi{} != 0;
     for (float t : kStepLengths) {
       vf trial[K];
-      vi ok = vi{} == 0;
+      vi ok = live;
       for (int j = 0; j < K; ++j) {
         trial[j] = u[j] - t * step[j];
         ok &= (trial[j] > 0) & finite(trial[j]);
@@ -166,7 +185,8 @@ INLINE vf damped_newton(vf* u, const vf* b, vf tail, vf ell) {
       obj = select(ok, trial_obj, obj);
       moved |= ok;
     }
-    if (!any(moved)) break;  // nothing changed: every further iteration would repeat this one
+    live &= moved;  // nothing changed: further iterations would repeat this one
+    if (!any(live)) break;
   }
   return obj;
 }
@@ -195,109 +215,266 @@ INLINE vi top_n_optimal(const vf* b, vf ell) {
   return (b[N] == 0) | (local & small_tail);
 }
 
-template <int N, int M>
-struct Block {
-  vf a[M], b[M], best[M], prev[M];
-  vf a1, ell, best_obj;
-  vi top_n;
+// e_R of x[0..K) without the entries at positions i and j (pass j = i to drop one entry)
+template <int K, int R>
+INLINE vf esp_without(const vf* x, int i, int j) {
+  vf e[R + 1];
+  e[0] = splat(1.0f);
+  for (int d = 1; d <= R; ++d) e[d] = splat(0.0f);
+  for (int p = 0; p < K; ++p) {
+    if (p == i || p == j) continue;
+    for (int d = R; d > 0; --d) e[d] += x[p] * e[d - 1];
+  }
+  return e[R];
+}
 
-  template <int K>
-  INLINE void face() {
+// the best t for the point t * b on the top-K face: a convex scalar equation, Newton from t = 1
+template <int N, int K>
+INLINE vf ray_scale(const vf* b, vf ell, vf nb2) {
+  vf ek = float(N + 1) * ell * esp<K, N + 1>(b);
+  vf t = splat(1.0f);
+  for (int s = 0; s < kRaySteps; ++s) {
+    vf num = (t - 1.0f) * nb2 + ek * power<N>(t);
+    vf den = vmax(nb2 + float(N) * ek * power<N - 1>(t), splat(1e-30f));
+    t -= num / den;
+  }
+  return t;
+}
+
+constexpr int kBoundRounds = 3;
+constexpr float kBoundSlack = 1e-5f;  // relative margins that keep the bounds valid in float
+
+// Lanes where the top-K face (u_1..u_K > 0, the rest 0) may hold a local minimum; false where
+// bounds prove it cannot, so that the face's candidate can never beat the faces below it (its
+// infimum then lies on its boundary, a smaller support). For sorted b, a local minimum there has
+//   (S) u_j = b_j - ell e_N(u without j), so 0 < u_j <= b_j (zero gradient), and
+//   (P) c_ij = ell e_{N-1}(u without i, j) <= 1 (the Hessian's 2x2 principal minors);
+// subtracting (S) for i and j cancels their shared terms: b_i - b_j = (u_i - u_j)(1 - c_ij),
+// so u_i >= u_K + (b_i - b_K) / (1 - c_iK). Starting from 0 <= u <= b, a few rounds tighten
+// lower bounds L and upper bounds U on u by these relations (e_N is increasing in each entry);
+// the face is excluded once some U_j <= 0, L_j > U_j, or c_iK >= 1 with b_i > b_K. It rules out
+// most faces above the one that wins wherever lam is not small.
+template <int N, int M, int K>
+INLINE vi face_may_hold_a_minimum(const vf* b, vf ell, vf upper) {
+  vf lo[K], hi[K];
+  for (int j = 0; j < K; ++j) lo[j] = splat(0.0f), hi[j] = b[j];
+  vi excluded = vi{} != 0;
+  for (int round = 0; round < kBoundRounds; ++round) {
+    for (int j = 0; j < K; ++j)
+      hi[j] = vmin(hi[j], b[j] - (1.0f - kBoundSlack) * ell * esp_without<K, N>(lo, j, j));
+    for (int j = 0; j < K; ++j)
+      lo[j] = vmax(lo[j], b[j] - (1.0f + kBoundSlack) * ell * esp_without<K, N>(hi, j, j));
+    for (int i = 0; i < K - 1; ++i) {
+      vf c = (1.0f - kBoundSlack) * ell * esp_without<K, N - 1>(lo, i, K - 1);
+      vf gap = b[i] - b[K - 1];
+      excluded |= (c >= 1.0f) & (gap > 0);
+      vf rise = gap / vmax(1.0f - c, splat(1e-30f));
+      lo[i] = vmax(lo[i], (1.0f - kBoundSlack) * (lo[K - 1] + rise));
+    }
+    for (int j = 0; j < K; ++j) excluded |= (hi[j] <= 0) | (lo[j] > hi[j] + kBoundSlack);
+  }
+  // on [lo, hi] the objective is at least this; above an objective reached elsewhere, the
+  // face's minimum cannot win
+  vf floor = splat(0.0f), pos[K];
+  for (int j = 0; j < K; ++j) {
+    floor += (b[j] - hi[j]) * (b[j] - hi[j]);
+    pos[j] = vmax(lo[j], splat(0.0f));
+  }
+  for (int j = K; j < M; ++j) floor += b[j] * b[j];
+  floor = 0.5f * floor + ell * esp<K, N + 1>(pos);
+  excluded |= (1.0f - kBoundSlack) * floor > upper;
+  return ~excluded;
+}
+
+// An objective reached by some point: the least of the top-N point's and the best point on
+// each face's ray t * b (the solver's first start, which its Newton steps only improve).
+template <int N, int M, int K = N + 1>
+INLINE vf reachable_objective(const vf* b, vf ell, vf upper) {
+  if constexpr (K > M) {
+    return upper;
+  } else {
     vf tail = splat(0.0f), nb2 = splat(0.0f);
     for (int j = K; j < M; ++j) tail += b[j] * b[j];
-    tail *= 0.5f;
     for (int j = 0; j < K; ++j) nb2 += b[j] * b[j];
-    // start 1: the best point on the ray t * b (convex scalar equation, Newton from t = 1)
-    vf ek = float(N + 1) * ell * esp<K, N + 1>(b);
-    vf t = splat(1.0f);
-    for (int s = 0; s < kRaySteps; ++s) {
-      vf num = (t - 1.0f) * nb2 + ek * power<N>(t);
-      vf den = vmax(nb2 + float(N) * ek * power<N - 1>(t), splat(1e-30f));
-      t -= num / den;
-    }
-    vf ray[K], grow[K];
+    vf t = ray_scale<N, K>(b, ell, nb2);
+    vf ray[K];
     for (int j = 0; j < K; ++j) ray[j] = t * b[j];
-    // start 2: the face below's candidate with a small new entry
-    for (int j = 0; j < K - 1; ++j) grow[j] = prev[j];
-    grow[K - 1] = 1e-3f * b[K - 1];
-    vf obj_ray = damped_newton<N, K>(ray, b, tail, ell);
-    vf obj_grow = damped_newton<N, K>(grow, b, tail, ell);
-    vi pick = obj_grow < obj_ray;
-    vf obj = select(pick, obj_grow, obj_ray);
-    vi better = obj < best_obj;
-    for (int j = 0; j < K; ++j) {
-      vf cand = select(pick, grow[j], ray[j]);
-      best[j] = select(better, cand, best[j]);
-      prev[j] = cand;
-    }
-    for (int j = K; j < M; ++j) best[j] = select(better, splat(0.0f), best[j]);
-    best_obj = select(better, obj, best_obj);
-    top_n &= ~better;
-  }
-
-  template <int K>
-  INLINE void faces() {
-    if constexpr (K <= M) {
-      face<K>();
-      faces<K + 1>();
-    }
-  }
-};
-
-// Groups [g0, g0 + count) of z (rows of M values) into out, count <= kLanes.
-template <int N, int M>
-INLINE void solve_block(const float* z, float* out, int64_t g0, int count, float lam) {
-  Block<N, M> blk;
-  vi idx[M];
-  for (int j = 0; j < M; ++j) {
-    for (int l = 0; l < kLanes; ++l) {
-      blk.a[j][l] = l < count ? std::fabs(z[(g0 + l) * M + j]) : 0.0f;
-      idx[j][l] = j;
-    }
-  }
-  // odd-even transposition sort, decreasing magnitude, ties by position
-  for (int round = 0; round < M; ++round)
-    for (int i = round % 2; i + 1 < M; i += 2) {
-      vi swap = (blk.a[i + 1] > blk.a[i]) | ((blk.a[i + 1] == blk.a[i]) & (idx[i + 1] < idx[i]));
-      vf hi = select(swap, blk.a[i + 1], blk.a[i]), lo = select(swap, blk.a[i], blk.a[i + 1]);
-      vi ihi = swap ? idx[i + 1] : idx[i], ilo = swap ? idx[i] : idx[i + 1];
-      blk.a[i] = hi, blk.a[i + 1] = lo, idx[i] = ihi, idx[i + 1] = ilo;
-    }
-  vf& a1 = blk.a1;
-  a1 = vmax(blk.a[0], splat(std::numeric_limits<float>::min()));
-  vf inv_a1 = 1.0f / a1;
-  for (int j = 0; j < M; ++j) blk.b[j] = blk.a[j] * inv_a1;
-  blk.ell = lam * power<N - 1>(a1);
-  blk.best_obj = splat(0.0f);
-  for (int j = 0; j < M; ++j) {
-    blk.best[j] = j < N ? blk.b[j] : splat(0.0f);
-    blk.prev[j] = blk.best[j];
-    if (j >= N) blk.best_obj += 0.5f * blk.b[j] * blk.b[j];
-  }
-  blk.top_n = vi{} == 0;
-  // Skip the faces where the top-N point is certainly optimal in every lane (see top_n_optimal)
-  if (any(~top_n_optimal<N, M>(blk.b, blk.ell))) blk.template faces<N + 1>();
-  // top-N and lam = 0 (the identity) exactly; otherwise u <= a and the order of a, which the
-  // exact solution has, enforced against rounding
-  vi identity = blk.ell == 0;
-  vf run = splat(std::numeric_limits<float>::infinity());
-  for (int j = 0; j < M; ++j) {
-    run = vmin(run, vmin(blk.best[j] * a1, blk.a[j]));
-    vf keep = j < N ? blk.a[j] : splat(0.0f);
-    vf value = select(identity, blk.a[j], select(blk.top_n, keep, run));
-    for (int l = 0; l < count; ++l) {
-      int64_t at = (g0 + l) * M + idx[j][l];
-      out[at] = std::copysign(value[l], z[at]);
-    }
+    vf obj = face_objective<N, K>(ray, b, 0.5f * tail, ell);
+    return reachable_objective<N, M, K + 1>(b, ell, vmin(upper, obj));
   }
 }
 
 template <int N, int M>
-void solve_range(const float* z, float* out, int64_t groups, int64_t b0, int64_t b1, float lam) {
-  for (int64_t blk = b0; blk < b1; ++blk) {
-    int64_t g0 = blk * kLanes;
-    int count = static_cast<int>(std::min<int64_t>(kLanes, groups - g0));
-    solve_block<N, M>(z, out, g0, count, lam);
+struct Block {
+  vf a[M], b[M], best[M], prev[M];
+  vf a1, ell, best_obj;
+  vi idx[M];  // the sorted entries' positions in their group
+  vi top_n;
+
+  // Loads the groups at gidx[0..count) (empty lanes hold zeros) and sorts each by magnitude.
+  INLINE void load(const float* z, const int32_t* gidx, int64_t g0, int count) {
+    for (int j = 0; j < M; ++j)
+      for (int l = 0; l < kLanes; ++l) {
+        a[j][l] = l < count ? std::fabs(z[(g0 + gidx[l]) * M + j]) : 0.0f;
+        idx[j][l] = j;
+      }
+    // odd-even transposition sort, decreasing magnitude, ties by position
+    for (int round = 0; round < M; ++round)
+      for (int i = round % 2; i + 1 < M; i += 2) {
+        vi swap = (a[i + 1] > a[i]) | ((a[i + 1] == a[i]) & (idx[i + 1] < idx[i]));
+        vf hi = select(swap, a[i + 1], a[i]), lo = select(swap, a[i], a[i + 1]);
+        vi ihi = swap ? idx[i + 1] : idx[i], ilo = swap ? idx[i] : idx[i + 1];
+        a[i] = hi, a[i + 1] = lo, idx[i] = ihi, idx[i + 1] = ilo;
+      }
+    a1 = vmax(a[0], splat(std::numeric_limits<float>::min()));
+    vf inv_a1 = 1.0f / a1;
+    for (int j = 0; j < M; ++j) b[j] = a[j] * inv_a1;
+    ell = lam_ * power<N - 1>(a1);
+  }
+
+  // Bit k of a lane's key: face N + 1 + k may hold its minimum (none where top-N is certain).
+  template <int K = N + 1>
+  INLINE void face_keys(vi certain, vf upper, vi* key) {
+    if constexpr (K <= M) {
+      vi may = face_may_hold_a_minimum<N, M, K>(b, ell, upper) & ~certain;
+      *key |= may & (1 << (K - N - 1));
+      face_keys<K + 1>(certain, upper, key);
+    }
+  }
+
+  template <int K>
+  INLINE void face(vi active) {
+    if (any(active)) {
+      vf tail = splat(0.0f), nb2 = splat(0.0f);
+      for (int j = K; j < M; ++j) tail += b[j] * b[j];
+      tail *= 0.5f;
+      for (int j = 0; j < K; ++j) nb2 += b[j] * b[j];
+      vf t = ray_scale<N, K>(b, ell, nb2);  // start 1: the best point on the ray t * b
+      vf ray[K], grow[K];
+      for (int j = 0; j < K; ++j) ray[j] = t * b[j];
+      // start 2: the face below's candidate with a small new entry
+      for (int j = 0; j < K - 1; ++j) grow[j] = prev[j];
+      grow[K - 1] = 1e-3f * b[K - 1];
+      vf obj_ray = damped_newton<N, K>(ray, b, tail, ell, active);
+      vf obj_grow = damped_newton<N, K>(grow, b, tail, ell, active);
+      vi pick = obj_grow < obj_ray;
+      vf obj = select(pick, obj_grow, obj_ray);
+      vi better = active & (obj < best_obj);
+      for (int j = 0; j < K; ++j) {
+        vf cand = select(pick, grow[j], ray[j]);
+        best[j] = select(better, cand, best[j]);
+        prev[j] = select(active, cand, prev[j]);
+      }
+      for (int j = K; j < M; ++j) best[j] = select(better, splat(0.0f), best[j]);
+      best_obj = select(better, obj, best_obj);
+      top_n &= ~better;
+    }
+    // a lane that skips this face continues from the face below's candidate, as if this face
+    // had returned its grow start
+    prev[K - 1] = select(active, prev[K - 1], 1e-3f * b[K - 1]);
+  }
+
+  // the top-N point as the best so far, and the face below the first one
+  INLINE void start() {
+    best_obj = splat(0.0f);
+    for (int j = 0; j < M; ++j) {
+      best[j] = j < N ? b[j] : splat(0.0f);
+      prev[j] = best[j];
+      if (j >= N) best_obj += 0.5f * b[j] * b[j];
+    }
+    top_n = vi{} == 0;
+  }
+
+  // Writes the lanes [0, n) where `write` holds into their groups (as in load) with z's signs:
+  // the identity where lam = 0, the top-N entries exactly while that point stands, else best,
+  // clipped to u <= a against rounding (after sort_best).
+  INLINE void store(const float* z, float* out, int64_t g0, const int32_t* gidx, int n,
+                    vi write) {
+    vi identity = ell == 0;
+    for (int j = 0; j < M; ++j) {
+      vf keep = j < N ? a[j] : splat(0.0f);
+      vf clipped = vmin(best[j] * a1, a[j]);
+      vf value = select(identity, a[j], select(top_n, keep, clipped));
+      for (int l = 0; l < n; ++l) {
+        if (!write[l]) continue;
+        int64_t at = (g0 + gidx[l]) * M + idx[j][l];
+        out[at] = std::copysign(value[l], z[at]);
+      }
+    }
+  }
+
+  // best in decreasing order in every lane (odd-even transposition sort). The exact solution
+  // keeps the order of a; sorting never raises the objective (R is symmetric, and sorted u
+  // against sorted a maximises u . a), where clipping to a running minimum could: tied entries
+  // of a may end unordered, as minimisers do on a flat valley (1:8, ell = 1, equal entries).
+  INLINE void sort_best() {
+    for (int round = 0; round < M; ++round)
+      for (int i = round % 2; i + 1 < M; i += 2) {
+        vf hi = vmax(best[i], best[i + 1]), lo = vmin(best[i], best[i + 1]);
+        best[i] = hi, best[i + 1] = lo;
+      }
+  }
+
+  template <int K = N + 1>
+  INLINE void faces(vi key) {
+    if constexpr (K <= M) {
+      face<K>((key & (1 << (K - N - 1))) != 0);
+      faces<K + 1>(key);
+    }
+  }
+
+  float lam_;
+};
+
+constexpr int kChunkBlocks = 1024 / kLanes;  // groups ordered by the faces they need, 1024 at a time
+
+// Groups [g0, g0 + count) of z (rows of M values) into out, count <= kChunkBlocks * kLanes:
+// the faces each group needs first, then the groups in blocks ordered by those faces.
+template <int N, int M>
+void solve_chunk(const float* z, float* out, int64_t g0, int count, float lam) {
+  constexpr int kKeys = 1 << (M - N);
+  int32_t natural[kLanes], order[kChunkBlocks * kLanes], lane_key[kChunkBlocks * kLanes];
+  int32_t counts[kKeys + 1] = {};
+  for (int l = 0; l < kLanes; ++l) natural[l] = l;
+  Block<N, M> blk;
+  blk.lam_ = lam;
+  for (int s = 0; s < count; s += kLanes) {
+    int n = std::min(kLanes, count - s);
+    blk.load(z, natural, g0 + s, n);
+    vi key = vi{} != 0;
+    vi certain = top_n_optimal<N, M>(blk.b, blk.ell) | (blk.ell == 0);
+    vf top_n_obj = splat(0.0f);
+    for (int j = N; j < M; ++j) top_n_obj += 0.5f * blk.b[j] * blk.b[j];
+    if (!all(certain))
+      blk.face_keys(certain, reachable_objective<N, M>(blk.b, blk.ell, top_n_obj), &key);
+    for (int l = 0; l < n; ++l) lane_key[s + l] = key[l], ++counts[key[l] + 1];
+    // a group that needs no face is its top-N point (or the identity) now, and is not loaded
+    // again
+    blk.start();
+    blk.store(z, out, g0 + s, natural, n, key == 0);
+  }
+  for (int k = 0; k < kKeys; ++k) counts[k + 1] += counts[k];  // counting sort, stable
+  const int settled = counts[1];
+  for (int g = 0; g < count; ++g) order[counts[lane_key[g]]++] = g;
+
+  for (int s = settled; s < count; s += kLanes) {
+    int n = std::min(kLanes, count - s);
+    blk.load(z, order + s, g0, n);
+    vi key = vi{} != 0;
+    for (int l = 0; l < n; ++l) key[l] = lane_key[order[s + l]];
+    blk.start();
+    blk.faces(key);
+    blk.sort_best();
+    blk.store(z, out, g0, order + s, n, vi{} == 0);
+  }
+}
+
+template <int N, int M>
+void solve_range(const float* z, float* out, int64_t groups, int64_t c0, int64_t c1, float lam) {
+  for (int64_t c = c0; c < c1; ++c) {
+    int64_t g0 = c * kChunkBlocks * kLanes;
+    int count = static_cast<int>(std::min<int64_t>(kChunkBlocks * kLanes, groups - g0));
+    solve_chunk<N, M>(z, out, g0, count, lam);
   }
 }
 
@@ -321,13 +498,13 @@ torch::Tensor prox(const torch::Tensor& weight, double lam, int64_t n, int64_t m
   auto z = weight.contiguous();
   auto out = torch::empty_like(z);
   const int64_t groups = z.numel() / m;
-  const int64_t blocks = (groups + kLanes - 1) / kLanes;
+  const int64_t chunks = (groups + kChunkBlocks * kLanes - 1) / (kChunkBlocks * kLanes);
   RangeFn fn = m == 4 ? pick<4>(static_cast<int>(n)) : pick<8>(static_cast<int>(n));
   const float* zp = z.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float lam_f = static_cast<float>(lam);
-  at::parallel_for(0, blocks, 64,
-                   [&](int64_t b0, int64_t b1) { fn(zp, op, groups, b0, b1, lam_f); });
+  at::parallel_for(0, chunks, 1,
+                   [&](int64_t c0, int64_t c1) { fn(zp, op, groups, c0, c1, lam_f); });
   return out;
 }
 
