@@ -172,6 +172,13 @@ def layer_lambdas(
     return [cfg.lambda1 / max(s, 1e-12) ** (cfg.nm.n - 1) for s in scales]
 
 
+def column_scale(input_norm: torch.Tensor) -> torch.Tensor:
+    """The column scales the regulariser sees a layer through: its input norms ‖X_j‖ at RMS 1,
+    floored at 1e-3 (silent features are pruned first, and no 1/0 maps the prox back)."""
+    scale = input_norm / input_norm.square().mean().sqrt().clamp_min(1e-12)
+    return scale.clamp_min(1e-3)
+
+
 def ramp(step: int, total: int, share: float) -> float:
     """λ1 multiplier: linear from 1/warm to 1 over the first ``share`` of the steps, then 1."""
     warm = math.ceil(share * total)
@@ -358,12 +365,7 @@ class ProxSparseLearning(LearningMethod):
                                         progress=self.progress and self.placement.world.is_main)
         finally:
             model.train(was_training)
-        scales = []
-        for target in targets:
-            norm = norms[target.name].to(self.device)
-            norm = norm / norm.square().mean().sqrt().clamp_min(1e-12)
-            scales.append(norm.clamp_min(1e-3))  # silent features: pruned first, no 1/0
-        return scales
+        return [column_scale(norms[target.name].to(self.device)) for target in targets]
 
     def _trainable(self) -> list[nn.Parameter]:
         params = (list(self.placement.model.parameters()) if self.cfg.train_all
